@@ -1,0 +1,290 @@
+"""train / evaluate / checkpoints on synthetic data and tiny models."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+from torch.utils.tensorboard import SummaryWriter
+
+import utils
+from model import MobileNetV2
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return utils.get_loaders("synthetic", batch_size=64, val_size=100, device="cpu")
+
+
+def tiny_net(seed=0):
+    utils.set_seed(seed)
+    return MobileNetV2(num_classes=10, alpha=0.25)
+
+
+def sgd(net, lr=0.02):
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+
+
+def run(loaders, epochs=2, seed=0, scheduler=None, save_path=None, verbose=False, **kwargs):
+    net = tiny_net(seed)
+    optimizer = sgd(net)
+    scheduler = scheduler(optimizer) if scheduler else None
+    history = utils.train(net, loaders[0], loaders[1], epochs, optimizer, nn.CrossEntropyLoss(), scheduler,
+                          save_path, None, verbose, **kwargs)  # fmt: skip
+    return net, optimizer, scheduler, history
+
+
+def test_training_lowers_the_loss(loaders):
+    _, _, _, (acc, loss, _) = run(loaders, epochs=2)
+    assert loss["train_loss"][1] < loss["train_loss"][0] - 0.1
+    assert acc["train_acc"][1] > acc["train_acc"][0]
+
+
+def test_the_same_seed_gives_the_same_losses(loaders):
+    _, _, _, (acc1, loss1, _) = run(loaders, seed=3)
+    _, _, _, (acc2, loss2, _) = run(loaders, seed=3)
+    _, _, _, (_, loss3, _) = run(loaders, seed=4)
+    assert loss1 == loss2 and acc1 == acc2
+    assert loss1 != loss3
+
+
+def test_histories_are_returned_per_epoch_whatever_verbose_says(loaders, capsys):
+    _, _, _, (acc, loss, lr) = run(loaders, epochs=2)
+    assert capsys.readouterr().out == ""
+    assert set(acc) == {"train_acc", "val_acc"} and set(loss) == {"train_loss", "val_loss"}
+    assert all(len(v) == 2 for v in [*acc.values(), *loss.values(), lr])
+    assert all(0 <= a <= 100 for a in acc["val_acc"])
+
+
+def test_epoch_line_has_the_tutorials_format(loaders, capsys):
+    run(loaders, epochs=1, verbose=True)
+    out = capsys.readouterr()
+    line = re.compile(
+        r"Epoch \[  1/  1\]  Train Loss:\d+\.\d{6}  Train Acc:\d+\.\d{2}% Val Loss:\d+\.\d{6}  "
+        r"Val Acc:\d+\.\d{2}%  Learning Rate:0\.020000  Time:\d+\.\ds"
+    )
+    assert line.search(out.out), out.out
+    assert "Train Epoch 1/1" in out.err and "Train Acc=" in out.err and "Val Epoch 1/1" in out.err
+
+
+class ConstantNet(nn.Module):
+    """Predicts class 0 with fixed logits, so the expected metrics can be worked out by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([2.0, 0.0, 0.0]))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), 3)
+
+
+def test_metrics_are_per_sample_not_a_mean_of_batch_means():
+    # Batches of 3 and 1: a mean of batch means would weigh the single sample three times.
+    batches = [(torch.zeros(3, 1), torch.tensor([0, 0, 0])), (torch.zeros(1, 1), torch.tensor([1]))]
+    result = utils.evaluate(ConstantNet(), batches, device="cpu")
+    assert result["acc"] == 75.0
+    expected = nn.functional.cross_entropy(torch.tensor([[2.0, 0, 0]] * 4), torch.tensor([0, 0, 0, 1]))
+    assert result["loss"] == pytest.approx(expected.item())
+    assert result["per_class_acc"] == [100.0, 0.0, 0.0]
+    assert result["confusion"].tolist() == [[3, 0, 0], [1, 0, 0], [0, 0, 0]]
+    assert result["probs"].shape == (4, 3) and result["preds"].tolist() == [0, 0, 0, 0]
+
+
+def test_flip_tta_averages_the_image_and_its_mirror():
+    class LeftHalf(nn.Module):
+        def forward(self, x):  # class 1 when the left half is brighter
+            left, right = x[..., :2].mean((1, 2, 3)), x[..., 2:].mean((1, 2, 3))
+            return torch.stack([right - left, left - right], 1) * 10
+
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0
+    plain = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu")
+    tta = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu", tta=True)
+    assert plain["acc"] == 100.0 and tta["tta"] is True
+    assert tta["probs"][0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_epoch_schedulers_step_once_per_epoch(loaders):
+    _, optimizer, scheduler, (_, _, lr) = run(loaders, epochs=3, scheduler=lambda o: lr_scheduler.StepLR(o, 1, 0.5))
+    assert scheduler.last_epoch == 3
+    assert lr == pytest.approx([0.02, 0.01, 0.005])
+
+
+def test_one_cycle_steps_after_every_batch(loaders):
+    def one_cycle(optimizer):
+        return lr_scheduler.OneCycleLR(optimizer, 0.05, epochs=2, steps_per_epoch=len(loaders[0]))
+
+    _, _, scheduler, _ = run(loaders, epochs=2, scheduler=one_cycle)
+    assert scheduler.last_epoch == 2 * len(loaders[0])
+
+
+def test_reduce_on_plateau_steps_on_the_validation_loss(loaders):
+    class Recording(lr_scheduler.ReduceLROnPlateau):
+        seen = []
+
+        def step(self, metrics):
+            self.seen.append(metrics)
+            super().step(metrics)
+
+    _, _, scheduler, (_, loss, _) = run(loaders, epochs=2, scheduler=lambda o: Recording(o))
+    assert scheduler.seen == loss["val_loss"]
+
+
+def test_scheduler_interval_override_and_bad_value(loaders):
+    _, _, scheduler, _ = run(
+        loaders, epochs=1, scheduler=lambda o: lr_scheduler.StepLR(o, 1000), scheduler_interval="batch"
+    )
+    assert scheduler.last_epoch == len(loaders[0])
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        run(loaders, epochs=1, scheduler=lambda o: lr_scheduler.StepLR(o, 1), scheduler_interval="daily")
+
+
+def test_checkpoints_best_and_last_with_plain_metadata(loaders, tmp_path):
+    net = nn.DataParallel(tiny_net())  # as the tutorial wraps it; no "module." may leak out
+    path = tmp_path / "m.pth"
+    utils.train(net, loaders[0], loaders[1], 2, sgd(net), nn.CrossEntropyLoss(), None, path, verbose=False)
+    best = utils.load_checkpoint(path)
+    last = utils.load_checkpoint(tmp_path / "m_last.pth")
+    assert not any(k.startswith("module.") for k in best["model"])
+    assert best["model_config"] == MobileNetV2(10, alpha=0.25).config
+    assert best["classes"] == loaders[0].classes and best["mean"] == loaders[0].mean
+    assert last["epoch"] == 2 and len(last["history"]["val_acc"]) == 2
+    assert best["metrics"]["val_acc"] == max(last["history"]["val_acc"]) == last["best_val_acc"]
+    assert {"optimizer", "scheduler", "rng"} <= set(last) and "optimizer" not in best
+    restored, checkpoint = utils.load_model(path, device="cpu")
+    assert not restored.training and checkpoint["epoch"] == best["epoch"]
+
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(loaders, tmp_path, monkeypatch):
+    def schedule(o):
+        return lr_scheduler.OneCycleLR(o, 0.05, epochs=3, steps_per_epoch=len(loaders[0]))
+
+    straight, _, _, (acc, loss, lr) = run(loaders, epochs=3, scheduler=schedule)
+
+    evaluate = utils.evaluate
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch's validation
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "evaluate", interrupted)
+    path = tmp_path / "m.pth"
+    with pytest.raises(KeyboardInterrupt):
+        run(loaders, epochs=3, scheduler=schedule, save_path=path)
+    assert utils.load_checkpoint(tmp_path / "m_last.pth")["epoch"] == 1
+    monkeypatch.setattr(utils, "evaluate", evaluate)
+
+    # A fresh process would rebuild everything from scratch, then resume from the file.
+    resumed, _, _, (acc2, loss2, lr2) = run(loaders, epochs=3, seed=99, scheduler=schedule, save_path=path,
+                                            resume=True)  # fmt: skip
+    assert (acc2, loss2, lr2) == (acc, loss, lr)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(loaders, tmp_path):
+    with pytest.raises(FileNotFoundError, match="m_last.pth"):
+        run(loaders, epochs=1, save_path=tmp_path / "m.pth", resume=True)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(loaders, tmp_path):
+    class BreaksInEpochTwo(nn.CrossEntropyLoss):
+        calls = 0
+
+        def forward(self, logits, labels):
+            loss = super().forward(logits, labels)
+            if logits.requires_grad:
+                self.calls += 1
+                if self.calls == len(loaders[0]) + 3:
+                    return loss * float("nan")
+            return loss
+
+    net = tiny_net()
+    path = tmp_path / "m.pth"
+    with pytest.raises(FloatingPointError, match=r"Epoch 2: .*loss became nan at batch 3/"):
+        utils.train(net, loaders[0], loaders[1], 3, sgd(net), BreaksInEpochTwo(), None, path, verbose=False)
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    best = utils.load_checkpoint(path)["model"]
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+
+
+def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    utils.atomic_save({"a": torch.ones(3)}, path)
+
+    def fails_halfway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fails_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        utils.atomic_save({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
+
+
+def test_tensorboard_gets_curves_graph_and_hparams(loaders, tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    writer = SummaryWriter(tmp_path / "run")
+    net = tiny_net()
+    utils.train(net, loaders[0], loaders[1], 2, sgd(net), nn.CrossEntropyLoss(), None, None, writer, verbose=False)
+    writer.close()
+    events = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "run"))
+    events.Reload()
+    runs = events.Runs()
+    assert {"Loss_train", "Loss_val", "Accuracy_train", "Accuracy_val"} <= set(runs)
+    assert len(events.Scalars("Loss_val", "Loss")) == 2
+    assert "Learning Rate" in runs["."]["scalars"]
+    assert runs["."]["graph"]
+    hparams = events.PluginRunToTagToContent("hparams")["."]
+    assert "_hparams_/session_start_info" in hparams
+    assert len(events.Scalars(".", "hparam/val_acc")) == 1
+
+
+def test_dataloader_path_trains_too():
+    train, val, _, _ = utils.get_loaders("synthetic", batch_size=64, val_size=100, fast=False, num_workers=0)
+    net = tiny_net()
+    acc, loss, _ = utils.train(net, train, val, 1, sgd(net), nn.CrossEntropyLoss(), verbose=False)
+    assert len(acc["train_acc"]) == 1 and loss["train_loss"][0] > 0
+
+
+def test_recipes_build_optimizer_scheduler_and_criterion():
+    net = tiny_net()
+    recipe = utils.get_recipe("default", lr=0.3, batch_size=None)
+    assert recipe["lr"] == 0.3 and recipe["batch_size"] == utils.RECIPES["default"]["batch_size"]
+    optimizer = utils.make_optimizer(net, recipe)
+    decayed, plain = optimizer.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and plain["weight_decay"] == 0
+    assert isinstance(utils.make_scheduler(optimizer, recipe, 2, 10), lr_scheduler.OneCycleLR)
+    assert utils.make_criterion(recipe).label_smoothing == recipe["label_smoothing"]
+    tutorial = utils.get_recipe("tutorial")
+    assert len(utils.make_optimizer(net, tutorial).param_groups) == 1
+    assert isinstance(utils.make_scheduler(sgd(net), tutorial, 2, 10), lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(ValueError, match="Unknown recipe 'fast'"):
+        utils.get_recipe("fast")
+    with pytest.raises(ValueError, match="Unknown recipe settings"):
+        utils.get_recipe("default", learning_rate=0.1)
+
+
+def test_get_device_picks_cpu_here_and_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert utils.get_device() == torch.device("cpu")
+    assert "Using device: cpu" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        utils.get_device("cuda")
+
+
+def test_plot_history_returns_and_saves_three_figures(tmp_path):
+    acc = {"train_acc": [10, 20], "val_acc": [12, 18]}
+    loss = {"train_loss": [2.0, 1.5], "val_loss": [2.1, 1.7]}
+    figures = utils.plot_history(2, acc, loss, [0.1, 0.05], save_dir=tmp_path)
+    assert len(figures) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
+    assert [len(line.get_xdata()) for line in figures[1].axes[0].lines] == [2, 2]
