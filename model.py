@@ -100,10 +100,11 @@ class MobileNetV2(nn.Module):
         last_channel = _make_divisible(1280 * max(1.0, alpha), round_nearest)
 
         # NOTE: the paper's strides reduce a 224x224 image 32 times, to 7x7, but a 32x32
-        # CIFAR image to 1x1 after the fourth stage: the last ten blocks see a single pixel.
-        # That is a main reason the tutorial stalls near 54%. small_input=True keeps the
-        # first convolution and the 24-channel stage at stride 1, so the image is reduced
-        # 8 times, to 4x4. The parameters are the same; the multiply-adds grow about 7x.
+        # CIFAR image to 2x2 in the 64- and 96-channel stages and to a single pixel in the
+        # last four blocks, where a 3x3 depthwise convolution sees only its own pixel. That
+        # is a main reason the tutorial stalls near 54%. small_input=True keeps the first
+        # convolution and the 24-channel stage at stride 1, so the image is reduced 8 times,
+        # to 4x4. The parameters are the same; the multiply-adds grow 14x (6.2 M -> 88 M).
         first_stride = 1 if small_input else 2
         setting = [(t, c, n, 1 if small_input and c == 24 else s) for t, c, n, s in INVERTED_RESIDUAL_SETTING]
 

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,8 @@ def prepare_model(net, device=None, sync_batchnorm=False):
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if sync_batchnorm:
+            if device.type != "cuda":
+                raise ValueError("sync_batchnorm needs CUDA; on the CPU each process normalises over its own batch.")
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = net.to(device)
         return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -147,7 +150,8 @@ def load_split(source, split, root=DATA_DIR, image_size=32):
 
     source: "cifar10" (torchvision's copy, downloaded into ``root`` on first use),
             "synthetic" (a small generated set for smoke runs and tests), or the path of a
-            folder holding ``train/`` and ``test/``, each with one sub-folder per class.
+            folder holding ``train/`` and ``test/``, each with one sub-folder per class (a
+            relative path not found from the current folder is read from the project root).
     split:  "train" or "test".
     Returns (images, labels, classes): images a uint8 tensor (N, 3, H, W), labels int64 (N,).
     """
@@ -157,7 +161,10 @@ def load_split(source, split, root=DATA_DIR, image_size=32):
         return make_synthetic(split)
     if source == "cifar10":
         return _load_cifar10(split, Path(root))
-    return _load_image_folder(Path(source), split, Path(root) / "cache", image_size)
+    folder = Path(source)
+    if not folder.is_absolute() and not folder.exists():
+        folder = ROOT / folder  # notebooks run in notebooks/; data/... means the project's data/
+    return _load_image_folder(folder, split, Path(root) / "cache", image_size)
 
 
 def _load_cifar10(split, root):
@@ -245,16 +252,21 @@ def _load_image_folder(folder, split, cache_dir, image_size):
         cached = torch.load(cache_file, weights_only=True)
         return cached["images"], cached["labels"], cached["classes"]
 
-    images = np.empty((len(files[split]), image_size, image_size, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(tqdm(files[split], desc=f"Decoding {folder.name}/{split}", leave=False)):
+    def decode(path):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if img.size != (image_size, image_size):
                     img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                images[i] = np.asarray(img)
+                return np.asarray(img)
         except Exception as error:
             raise ValueError(f"Cannot read image {path}: {error}") from error
+
+    paths = [path for path, _ in files[split]]
+    # PIL releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        decoded = pool.map(decode, paths, chunksize=256)
+        images = np.stack(list(tqdm(decoded, total=len(paths), desc=f"Decoding {folder.name}/{split}", leave=False)))
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in files[split]], dtype=torch.int64)
     atomic_save({"images": images, "labels": labels, "classes": classes}, cache_file)
@@ -428,6 +440,7 @@ def get_loaders(
     val_size:   training images held out for validation (stratified, seeded); a fraction
                 works too. 0 gives no validation loader (None).
     augment:    random crop (padding 4) and horizontal flip for the training loader.
+    batch_size: training batch; under torchrun, the global batch summed over processes.
     fast:       True gives InMemoryLoader (data on the device, batch ops); False gives
                 torch.utils.data.DataLoader with per-image transforms.
     Each loader carries ``classes``, ``mean`` and ``std``: checkpoints record them so that a
@@ -438,6 +451,8 @@ def get_loaders(
     train_idx, val_idx = stratified_split(train_labels, val_size, seed)
     mean, std = channel_stats(train_images[train_idx])
     rank, world_size, _ = distributed_env()
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} must divide evenly between the {world_size} processes.")
     splits = {
         "train": (train_images[train_idx], train_labels[train_idx]),
         "val": (train_images[val_idx], train_labels[val_idx]),
@@ -449,7 +464,8 @@ def get_loaders(
             loaders[name] = None
             continue
         training = name == "train"
-        size = batch_size if training else eval_batch_size
+        # batch_size is the global batch: under torchrun each process takes its share.
+        size = batch_size // world_size if training else eval_batch_size
         if fast:
             device = get_device(device, verbose=False)
             loader = InMemoryLoader(
@@ -610,7 +626,8 @@ def load_checkpoint(path, map_location="cpu"):
                 "and load the state_dict into MobileNetV2(...)."
             ) from error
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {error}") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as error:
+        # What the unpickler raises on arbitrary bytes depends on the bytes.
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file): {error}"
         ) from error
@@ -656,6 +673,13 @@ def _autocast_dtype(device, amp):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def channels_last_is_faster(net, device):
+    """Whether training ``net`` on ``device`` is faster in channels_last memory format, as
+    measured with benchmarks/train_speed.py: yes on CUDA, and on the CPU for small_input;
+    on the CPU the paper's network, whose late maps are 2x2 and 1x1, is faster in NCHW."""
+    return device.type == "cuda" or bool(getattr(net, "config", {}).get("small_input", False))
 
 
 def _steps_per_batch(scheduler, interval):
@@ -852,14 +876,17 @@ def train(
       device        default: get_device() (CUDA, else MPS, else CPU). The model is moved
                     there once, and wrapped in DataParallel/DDP by prepare_model;
       amp           bf16/fp16 autocast; default on for CUDA, off on the CPU;
-      channels_last memory format; default on (measured faster on CUDA and on the CPU);
+      channels_last memory format; default: whichever channels_last_is_faster() says;
       hparams       extra values to record with the final metrics in TensorBoard.
     Returns Acc = {"train_acc", "val_acc"} (%), Loss = {"train_loss", "val_loss"}, Lr (lists).
     """
     device = get_device(device, verbose=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     model = prepare_model(net, device)
     base = unwrap_model(model)
-    channels_last = True if channels_last is None else channels_last
+    if channels_last is None:
+        channels_last = channels_last_is_faster(base, device)
     if channels_last:
         base.to(memory_format=torch.channels_last)
     amp_dtype = _autocast_dtype(device, amp)
@@ -869,12 +896,18 @@ def train(
     show = verbose and main
     last_path = last_checkpoint_path(save_path) if save_path else None
 
-    history = {"train_acc": [], "val_acc": [], "train_loss": [], "val_loss": [], "lr": []}
+    history = {"train_acc": [], "val_acc": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
     start_epoch, best_acc = 0, -math.inf
     if resume:
         if last_path is None:
             raise ValueError("resume=True needs save_path: the checkpoint to resume is <save_path stem>_last.pth.")
         checkpoint = load_checkpoint(last_path, map_location=device)
+        if checkpoint["epochs"] != epoch:
+            raise ValueError(
+                f"{last_path} is from a run of {checkpoint['epochs']} epochs; resume it with epoch="
+                f"{checkpoint['epochs']} (schedules such as OneCycleLR are planned for the whole run), "
+                "or start a new run to train for longer."
+            )
         base.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint["scheduler"] is not None:
@@ -932,6 +965,7 @@ def train(
             for key, value in metrics.items():
                 history[key].append(value)
             history["lr"].append(lr)
+            history["seconds"].append(seconds)
             if show:
                 print(
                     f"Epoch [{e + 1:>3d}/{epoch:>3d}]  Train Loss:{metrics['train_loss']:.6f}  "
@@ -949,7 +983,7 @@ def train(
                 improved = val_acc > best_acc
                 best_acc = max(best_acc, val_acc)
                 state = {**metadata, "model": base.state_dict(), "epoch": e + 1, "history": history,
-                         "metrics": {**metrics, "seconds": seconds}, "best_val_acc": best_acc}  # fmt: skip
+                         "metrics": metrics, "best_val_acc": best_acc}  # fmt: skip
                 if improved:
                     atomic_save(state, save_path)
                 rng = {
@@ -1040,6 +1074,8 @@ def show_images(images, labels, classes, preds=None, ncols=8, mean=None, std=Non
     floats together with ``mean`` and ``std``."""
     import matplotlib.pyplot as plt
 
+    if len(images) == 0:
+        raise ValueError("show_images got no images to show.")
     if images.dtype == torch.uint8:
         pictures = images.permute(0, 2, 3, 1).cpu().numpy()
     else:

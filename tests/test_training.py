@@ -31,7 +31,7 @@ def run(loaders, epochs=2, seed=0, scheduler=None, save_path=None, verbose=False
     optimizer = sgd(net)
     scheduler = scheduler(optimizer) if scheduler else None
     history = utils.train(net, loaders[0], loaders[1], epochs, optimizer, nn.CrossEntropyLoss(), scheduler,
-                          save_path, None, verbose, **kwargs)  # fmt: skip
+                          save_path, None, verbose, device="cpu", **kwargs)  # fmt: skip
     return net, optimizer, scheduler, history
 
 
@@ -186,9 +186,12 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(loaders, tm
         assert torch.equal(a, b)
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(loaders, tmp_path):
+def test_resume_errors_are_clear(loaders, tmp_path):
     with pytest.raises(FileNotFoundError, match="m_last.pth"):
         run(loaders, epochs=1, save_path=tmp_path / "m.pth", resume=True)
+    run(loaders, epochs=1, save_path=tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="m_last.pth is from a run of 1 epochs; resume it with epoch=1"):
+        run(loaders, epochs=2, save_path=tmp_path / "m.pth", resume=True)
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(loaders, tmp_path):

@@ -1,0 +1,256 @@
+"""The five notebooks: committed clean, and runnable in order, headless, on synthetic data.
+
+The run executes each notebook with papermill in a fresh kernel, as `make run` does, with
+small parameters. Checkpoints and logs go to model/<run>.pth and logs/<run>/ under a run
+name unique to the test, and are removed afterwards.
+"""
+
+import functools
+import http.server
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = ["01_data", "02_network", "03_training", "04_testing", "05_prediction"]
+SAMPLES = ROOT / "samples"
+
+# Shared by every notebook; papermill ignores (with a warning) the names a notebook lacks.
+SMOKE_PARAMETERS = {
+    "DATA": "synthetic",
+    "EPOCHS": 1,
+    "VAL_SIZE": 100,
+    "SMALL_INPUT": False,
+    "BATCH_SIZE": 64,
+    "SEED": 0,
+}
+
+
+def read(name):
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def outputs_text(nb):
+    """Everything the executed notebook printed or displayed as text."""
+    parts = []
+    for cell in code_cells(nb):
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                parts.append(output.text)
+            elif output.output_type in ("execute_result", "display_data"):
+                parts.append(output.get("data", {}).get("text/plain", ""))
+            elif output.output_type == "error":
+                parts.append("\n".join(output.traceback))
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# The committed notebooks
+
+
+def test_all_five_notebooks_are_there():
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9]*.ipynb")) == NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_valid_and_has_no_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    for cell in code_cells(nb):
+        assert cell.outputs == [], f"{name}: a code cell has outputs; strip them before committing"
+        assert cell.execution_count is None, f"{name}: a code cell has an execution count"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_exactly_one_parameters_cell_first(name):
+    cells = code_cells(read(name))
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged 'parameters'"
+    assert tagged[0] is cells[0], f"{name}: the parameters cell must be the first code cell"
+    # Plain literals only, one per line, so that papermill and a reader can override them.
+    for line in tagged[0].source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            target, _, value = line.partition("=")
+            assert target.strip().isupper(), f"{name}: parameter line {line!r}"
+            compile(value.strip(), name, "eval")
+    # The next code cell finds the project root, so that the imports after it work anywhere.
+    assert "model.py" in cells[1].source and "sys.path" in cells[1].source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_uses_the_modules_instead_of_redefining_them(name):
+    source = "\n".join(cell.source for cell in code_cells(read(name)))
+    assert not re.search(r"^\s*(class|def)\s", source, re.MULTILINE), f"{name}: logic belongs in the modules"
+    if name != "02_network":
+        assert "import utils" in source
+    if name in ("02_network", "03_training"):
+        assert "from model import" in source
+    if name == "05_prediction":
+        assert "import predict" in source
+
+
+# ----------------------------------------------------------------------------------------
+# Running them
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """samples/ over HTTP on localhost, so that the URL cell has something to download."""
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(SAMPLES)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def execute(name, output, parameters):
+    import papermill
+
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / f"{name}.ipynb"),
+        str(output),
+        parameters=parameters,
+        cwd=str(NOTEBOOK_DIR),
+        kernel_name="python3",
+        progress_bar=False,
+        execution_timeout=300,
+    )
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, image_server):
+    """Run the five notebooks in order once; each test below checks one of them.
+
+    Returns {name: (executed notebook, seconds)} or {name: exception}; a notebook after a
+    failed one is not run.
+    """
+    out = tmp_path_factory.mktemp("runs")
+    run_name = f"pytest-notebooks-{uuid.uuid4().hex[:8]}"
+    parameters = {**SMOKE_PARAMETERS, "RUN_NAME": run_name, "IMAGE_URL": f"{image_server}/ship.png"}
+    results = {"run_name": run_name}
+    try:
+        for name in NOTEBOOKS:
+            try:
+                seconds = execute(name, out / f"{name}.ipynb", parameters)
+            except Exception as error:
+                results[name] = error
+                break
+            results[name] = (nbformat.read(out / f"{name}.ipynb", as_version=4), seconds)
+            print(f"{name}: {seconds:.1f} s")
+        # The URL cell once more, with an address where nothing answers: it must print why.
+        if isinstance(results.get("05_prediction"), tuple):
+            offline = {**parameters, "IMAGE_URL": f"http://127.0.0.1:{free_port()}/cat.jpg"}
+            try:
+                execute("05_prediction", out / "05_prediction_offline.ipynb", offline)
+                results["offline"] = nbformat.read(out / "05_prediction_offline.ipynb", as_version=4)
+            except Exception as error:
+                results["offline"] = error
+        yield results
+    finally:
+        for path in (
+            utils.MODEL_DIR / f"{run_name}.pth",
+            utils.last_checkpoint_path(utils.MODEL_DIR / f"{run_name}.pth"),
+        ):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(utils.LOG_DIR / run_name, ignore_errors=True)
+
+
+def ran(executed, name):
+    result = executed.get(name)
+    if result is None:
+        pytest.fail(f"{name} did not run: an earlier notebook failed")
+    if isinstance(result, Exception):
+        pytest.fail(f"{name} failed:\n{result}")
+    return result[0]
+
+
+@pytest.mark.slow
+def test_01_data_runs(executed):
+    text = outputs_text(ran(executed, "01_data"))
+    assert "training: 900 images, validation: 100, test: 200" in text
+    assert "mean per channel" in text
+
+
+@pytest.mark.slow
+def test_02_network_runs(executed):
+    text = outputs_text(ran(executed, "02_network"))
+    assert "Total params: 2,236,682" in text
+    assert "12.32" in text
+    assert "torch.Size([2, 10])" in text
+    assert "final feature map 1x1" in text and "final feature map 4x4" in text
+
+
+@pytest.mark.slow
+def test_03_training_runs_and_saves(executed):
+    text = outputs_text(ran(executed, "03_training"))
+    run = executed["run_name"]
+    assert "Epoch [  1/  1]" in text
+    best = utils.MODEL_DIR / f"{run}.pth"
+    assert best.is_file() and utils.last_checkpoint_path(best).is_file()
+    net, checkpoint = utils.load_model(best, device="cpu")
+    assert checkpoint["classes"] == [f"class_{i}" for i in range(10)]
+    assert net.config["small_input"] is False
+    log_dir = utils.LOG_DIR / run
+    assert list(log_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    for png in ("loss.png", "accuracy.png", "lr.png"):
+        assert (log_dir / png).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_04_testing_runs_and_saves_figures(executed):
+    text = outputs_text(ran(executed, "04_testing"))
+    assert "Accuracy of the network on the 200 test images:" in text
+    assert "Accuracy of class_0 :" in text
+    assert "Accuracy with flip test-time augmentation:" in text
+    log_dir = utils.LOG_DIR / executed["run_name"]
+    for png in ("per_class_accuracy.png", "confusion_matrix.png", "test_predictions.png"):
+        assert (log_dir / png).stat().st_size > 0
+    assert (log_dir / "confident_mistakes.png").is_file() or "No mistakes" in text
+
+
+@pytest.mark.slow
+def test_05_prediction_runs(executed):
+    text = outputs_text(ran(executed, "05_prediction"))
+    assert "Refused:" in text  # the whole pickled model is not loaded
+    assert "No prediction for the web picture" not in text  # the local server answered the URL cell
+    for sample in SAMPLES.iterdir():
+        assert sample.name in text  # the folder's predictions
+
+
+@pytest.mark.slow
+def test_05_prediction_url_cell_fails_politely_offline(executed):
+    ran(executed, "05_prediction")
+    result = executed.get("offline")
+    if isinstance(result, Exception):
+        pytest.fail(f"the prediction notebook stopped on an unreachable URL:\n{result}")
+    text = outputs_text(result)
+    assert "No prediction for the web picture" in text and "http://127.0.0.1:" in text

@@ -1,0 +1,133 @@
+"""Train MobileNetV2 from the command line: the training notebook as a script.
+
+The options are the training notebook's parameters, in lower case. The same command runs
+in one process or under torchrun, which starts one process per GPU (or CPU worker):
+
+    python train.py --data data/cifar10-jpeg --epochs 10
+    torchrun --nproc_per_node=4 train.py --data data/cifar10-jpeg --epochs 10
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py --data data/cifar10-jpeg --epochs 10
+
+At the end the final weights are evaluated once on the test set (and with flip test-time
+augmentation, reported separately); ``--metrics-out`` writes everything as JSON.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+
+import utils
+from model import MobileNetV2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="cifar10", help='"cifar10", "synthetic", or a folder with train/ and test/')
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--recipe", default="default", choices=sorted(utils.RECIPES))
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="the CIFAR option: stride 1 stem, 4x4 final map (default); --no-small-input is the paper's")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--val-size", type=float, default=5000)
+    p.add_argument("--run-name", default="mobilenetv2", help="names model/<run>.pth and logs/<run>/")
+    p.add_argument("--model-dir", type=Path, default=utils.MODEL_DIR)
+    p.add_argument("--log-dir", type=Path, default=utils.LOG_DIR)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--resume", action="store_true", help="continue from model/<run>_last.pth")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes")
+    p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
+                   help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
+    p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")
+    return p.parse_args(argv)
+
+
+def weights_agree_across_ranks(net):
+    """True when every process holds the same parameters (DDP's promise, checked)."""
+    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.set_seed(args.seed)
+    device = utils.get_device(args.device)
+    recipe = utils.get_recipe(
+        args.recipe,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+    )
+    val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
+    trainloader, valloader, testloader, classes = utils.get_loaders(
+        args.data, batch_size=recipe["batch_size"], val_size=val_size, augment=recipe["augment"],
+        fast=args.fast_loader, device=device, seed=args.seed,
+    )  # fmt: skip
+    net = MobileNetV2(len(classes), alpha=args.alpha, small_input=args.small_input, dropout=args.dropout)
+    net = utils.prepare_model(net, device, sync_batchnorm=args.sync_bn)
+    criterion = utils.make_criterion(recipe)
+    optimizer = utils.make_optimizer(net, recipe)
+    scheduler = utils.make_scheduler(optimizer, recipe, args.epochs, len(trainloader))
+    main_process = utils.is_main_process()
+    tbwriter = SummaryWriter(args.log_dir / args.run_name) if main_process else None
+
+    save_path = args.model_dir / f"{args.run_name}.pth"
+    start = time.perf_counter()
+    utils.train(
+        net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
+        save_path, tbwriter, verbose=True, resume=args.resume,
+        hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    test = utils.evaluate(net, testloader, device=device)
+    test_tta = utils.evaluate(net, testloader, device=device, tta=True)
+    in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
+
+    if main_process:
+        count = int(test["confusion"].sum())
+        print(f"Accuracy of the final weights on the {count} test images: {test['acc']:.2f} % "
+              f"(with flip TTA: {test_tta['acc']:.2f} %)")  # fmt: skip
+        for name, acc in zip(classes, test["per_class_acc"], strict=True):
+            print(f"Accuracy of {name:>5s} : {acc:.2f} %")
+        if dist.is_initialized():
+            print(f"Weights identical on all {dist.get_world_size()} processes: {in_sync}")
+        tbwriter.close()
+        if args.metrics_out:
+            record = {
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "recipe": recipe,
+                "model": utils.unwrap_model(net).config,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "processes": utils.distributed_env()[1],
+                "history": utils.load_checkpoint(utils.last_checkpoint_path(save_path))["history"],
+                "train_seconds": seconds,
+                "test_acc": test["acc"],
+                "test_acc_flip_tta": test_tta["acc"],
+                "test_per_class_acc": dict(zip(classes, test["per_class_acc"], strict=True)),
+                "weights_in_sync": in_sync,
+            }
+            args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+            args.metrics_out.write_text(json.dumps(record, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return test["acc"]
+
+
+if __name__ == "__main__":
+    main()
