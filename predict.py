@@ -233,6 +233,21 @@ def predict(net, inputs, checkpoint, topk=3, batch_size=256, device=None):
     return entries[0] if single else entries
 
 
+def plot_prediction(image, result):
+    """A figure of the image beside a bar chart of its top-k classes (a predict() result)."""
+    import matplotlib.pyplot as plt
+
+    names = [top["class"] for top in result["top"]]
+    probs = [top["prob"] for top in result["top"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), width_ratios=(1, 2))
+    left.imshow(image)
+    left.axis("off")
+    right.barh(names[::-1], probs[::-1], color="tab:blue")
+    right.set(xlim=(0, 1), xlabel="probability", title=f"The {len(names)} most likely classes")
+    fig.tight_layout()
+    return fig
+
+
 def image_files(folder):
     """The image files directly in ``folder`` (by suffix, hidden files left out), sorted."""
     folder = Path(folder)

@@ -1039,6 +1039,7 @@ def plot_history(epoch, Acc, Loss, Lr, save_dir=None):
     Returns the figures; with ``save_dir`` also writes loss.png, accuracy.png and lr.png.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figures = {}
     for name, series, ylabel in (
@@ -1050,6 +1051,7 @@ def plot_history(epoch, Acc, Loss, Lr, save_dir=None):
         for label, values in series.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label.replace("_", " "))
         ax.set(xlabel="Epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend()
