@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--resume", action="store_true", help="continue from model/<run>_last.pth")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
     p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
                    help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
     p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")
@@ -91,7 +92,7 @@ def main(argv=None):
     start = time.perf_counter()
     utils.train(
         net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
-        save_path, tbwriter, verbose=True, resume=args.resume,
+        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
     seconds = time.perf_counter() - start

@@ -291,3 +291,20 @@ def test_plot_history_returns_and_saves_three_figures(tmp_path):
     assert len(figures) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
     assert [len(line.get_xdata()) for line in figures[1].axes[0].lines] == [2, 2]
+
+
+def test_compile_trains_and_saves_plain_keys(loaders, tmp_path):
+    path = tmp_path / "m.pth"
+    run(loaders, epochs=1, save_path=path, compile=True)
+    keys = utils.load_checkpoint(path)["model"]
+    assert not any("_orig_mod" in k for k in keys)
+    utils.load_model(path, device="cpu")
+
+
+def test_compile_falls_back_to_eager_where_unsupported(loaders, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.warns(UserWarning, match="torch.compile is not supported here"):
+        _, _, _, (acc, _, _) = run(loaders, epochs=1, compile=True)
+    assert len(acc["train_acc"]) == 1
