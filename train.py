@@ -14,6 +14,7 @@ augmentation, reported separately); ``--metrics-out`` writes everything as JSON.
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from model/<run>_last.pth")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16/fp16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
     p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
                    help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
     p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")
@@ -92,12 +95,12 @@ def main(argv=None):
     start = time.perf_counter()
     utils.train(
         net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
-        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile,
+        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile, amp=args.amp,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    test = utils.evaluate(net, testloader, device=device)
-    test_tta = utils.evaluate(net, testloader, device=device, tta=True)
+    test = utils.evaluate(net, testloader, device=device, amp=args.amp)
+    test_tta = utils.evaluate(net, testloader, device=device, amp=args.amp, tta=True)
     in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
 
     if main_process:
@@ -114,7 +117,9 @@ def main(argv=None):
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "recipe": recipe,
                 "model": utils.unwrap_model(net).config,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "device": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else f"CPU, {os.cpu_count()} cores, {platform.machine()}",
                 "processes": utils.distributed_env()[1],
                 "history": utils.load_checkpoint(utils.last_checkpoint_path(save_path))["history"],
                 "train_seconds": seconds,
