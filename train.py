@@ -131,6 +131,7 @@ def main(argv=None):
             args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
             args.metrics_out.write_text(json.dumps(record, indent=2))
     if dist.is_initialized():
+        dist.barrier()  # let rank 0 finish writing before any process tears the group down
         dist.destroy_process_group()
     return test["acc"]
 
