@@ -8,7 +8,7 @@ export_onnx     an ONNX file with a dynamic batch size, for onnxruntime and othe
 export_program  a torch.export program (.pt2); torch.export.load(path).module() runs it
 quantize_onnx   an int8 ONNX file, by static post-training quantisation on training images
 
-Every export takes 32x32 RGB inputs normalised as predict.preprocess does, any batch size,
+Every export takes 32x32 RGB inputs normalised as predict.preprocess does (utils.normalize), any batch size,
 and gives the logits the PyTorch network gives (int8: close to them).
 """
 
@@ -22,7 +22,6 @@ import onnx
 import torch
 from torch import nn
 
-import predict
 import utils
 
 IMAGE_SIZE = 32
@@ -134,7 +133,7 @@ def calibration_batch(source, checkpoint, count=512, seed=0):
     normalised with the checkpoint's mean and std, for quantize_onnx."""
     images, _, _ = utils.load_split(source, "train")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    return predict.normalize(images[chosen], checkpoint["mean"], checkpoint["std"])
+    return utils.normalize(images[chosen], checkpoint["mean"], checkpoint["std"])
 
 
 def main(argv=None):

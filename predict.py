@@ -173,14 +173,6 @@ def _to_rgb(image, name):
     return image.convert("RGB")
 
 
-def normalize(images, mean, std):
-    """uint8 images (N, 3, H, W) to the float inputs the network was trained on: the same
-    arithmetic as utils.InMemoryLoader, so a training image gives the same tensor here."""
-    mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std).view(1, -1, 1, 1) * 255
-    return (images.float() - mean) / std
-
-
 def preprocess(images, mean, std, size=32):
     """RGB PIL images (one or a list) to a normalised float tensor (N, 3, size, size).
 
@@ -192,7 +184,7 @@ def preprocess(images, mean, std, size=32):
     pixels = np.stack(
         [np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)) for image in images]
     )
-    return normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), mean, std)
+    return utils.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), mean, std)
 
 
 def predict(net, inputs, checkpoint, topk=3, batch_size=256, device=None):

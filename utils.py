@@ -312,6 +312,14 @@ def channel_stats(images, chunk=4096):
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
+def normalize(images, mean, std):
+    """uint8 images (N, 3, H, W) to the float inputs the network sees: (x / 255 - mean) / std
+    per channel. Training batches and prediction inputs both go through here."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 def random_crop_flip(images, padding=4, flip=True, generator=None):
     """Random crop with zero padding and random horizontal flip, for a whole batch at once.
 
@@ -365,8 +373,9 @@ class InMemoryLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
-        self._mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
-        self._std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        # On the device once, so that normalising a batch copies nothing from the host.
+        self._mean = torch.tensor(mean, device=self.device)
+        self._std = torch.tensor(std, device=self.device)
 
     def set_epoch(self, epoch):
         """Make the shuffle and augmentation of the next pass a function of ``epoch``."""
@@ -397,7 +406,7 @@ class InMemoryLoader:
             images = self.images[idx]
             if self.augment:
                 images = random_crop_flip(images, generator=g)
-            yield (images.float() - self._mean) / self._std, self.labels[idx]
+            yield normalize(images, self._mean, self._std), self.labels[idx]
 
 
 class TensorImageDataset(torch.utils.data.Dataset):

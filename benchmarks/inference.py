@@ -38,7 +38,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export  # noqa: E402
-import predict  # noqa: E402
 import utils  # noqa: E402
 from model import MobileNetV2  # noqa: E402
 
@@ -146,7 +145,7 @@ def main():
     trained = utils.load_model(args.checkpoint, device="cpu")[0] if args.checkpoint else None
     train_images, _, _ = utils.make_synthetic("train", train_size=256)
     mean, std = utils.channel_stats(train_images)
-    calibration_images = predict.normalize(train_images, mean, std)
+    calibration_images = utils.normalize(train_images, mean, std)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads, load average {load}")  # fmt: skip

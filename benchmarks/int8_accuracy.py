@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export  # noqa: E402
-import predict  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def main():
 
     net, checkpoint = utils.load_model(args.checkpoint, device="cpu")
     test_images, test_labels, _ = utils.load_split(args.data, "test")
-    images = predict.normalize(test_images, checkpoint["mean"], checkpoint["std"])
+    images = utils.normalize(test_images, checkpoint["mean"], checkpoint["std"])
     loader = utils.InMemoryLoader(test_images, test_labels, 500, checkpoint["mean"], checkpoint["std"])
     float_preds = utils.evaluate(net, loader, device="cpu")["preds"]
     with tempfile.TemporaryDirectory() as tmp:

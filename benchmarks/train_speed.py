@@ -147,19 +147,19 @@ def main():
 
     print(f"MobileNetV2 ({'CIFAR option' if small_input else 'paper strides'}), batch {args.batch_size}, "
           f"{steps} timed steps after {warmup} warm-up, {data}")  # fmt: skip
-    rows = []
     net, optimizer, criterion = fresh()
-    rows.append(("tutorial: DataLoader, per-image transforms, fp32, NCHW",
-                 tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup)))  # fmt: skip
+    rows = [("tutorial: DataLoader, per-image transforms, fp32, NCHW",
+             tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))]  # fmt: skip
+    default_layout = utils.channels_last_is_faster(net, device)  # what train() would pick
     for channels_last in (False, True):
         net, optimizer, criterion = fresh()
         speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last)
         amp = "bf16 autocast" if device.type == "cuda" else "fp32"
-        rows.append((f"project: in-memory batches, {amp}, {'channels_last' if channels_last else 'NCHW'}", speed))
+        layout = "channels_last" if channels_last else "NCHW"
+        default = " (default)" if channels_last == default_layout else ""
+        rows.append((f"project: in-memory batches, {amp}, {layout}{default}", speed))
 
     baseline = rows[0][1]
-    default_layout = utils.channels_last_is_faster(fresh()[0], device)
-    rows[1 + default_layout] = (rows[1 + default_layout][0] + " (default)", rows[1 + default_layout][1])
     print(f"\n{'path':<62}{'images/s':>10}{'vs tutorial':>13}")
     for name, speed in rows:
         print(f"{name:<62}{speed:>10.1f}{speed / baseline:>12.2f}x")

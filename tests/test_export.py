@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import export
-import predict
 import utils
 from model import MobileNetV2
 
@@ -53,7 +52,7 @@ def synthetic():
     """Normalised synthetic images: (mean, std, test images (200, 3, 32, 32))."""
     train_images, _, _ = utils.make_synthetic("train")
     mean, std = utils.channel_stats(train_images)
-    return mean, std, predict.normalize(utils.make_synthetic("test")[0], mean, std)
+    return mean, std, utils.normalize(utils.make_synthetic("test")[0], mean, std)
 
 
 @pytest.fixture(scope="module")
