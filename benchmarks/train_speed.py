@@ -10,6 +10,8 @@ crop with padding 4 and horizontal flip), on whatever device is present:
             the device) and utils.train_one_epoch: bf16 autocast on CUDA, no per-batch
             synchronisation, in both memory layouts (NCHW and channels_last); train() picks
             the faster one (utils.channels_last_is_faster), marked "default".
+  --compile adds the default path through torch.compile (train(compile=True)), compiled
+            during the warm-up batches.
 
     python benchmarks/train_speed.py --data data/cifar10-jpeg            # CIFAR option
     python benchmarks/train_speed.py --data data/cifar10-jpeg --paper-strides
@@ -76,9 +78,11 @@ def tutorial_steps(net, loader, optimizer, criterion, device, steps, warmup):
     return images_seen / (time.perf_counter() - start)
 
 
-def project_steps(net, loader, optimizer, criterion, device, steps, warmup, channels_last):
+def project_steps(net, loader, optimizer, criterion, device, steps, warmup, channels_last, compile=False):
     """utils.train_one_epoch over ``warmup`` batches, then timed over ``steps`` batches."""
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if compile:
+        net = utils.compiled(net)
     amp_dtype = utils._autocast_dtype(device, None)
     kwargs = {"amp_dtype": amp_dtype, "channels_last": channels_last, "progress": False}
     utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, device, **kwargs)
@@ -110,6 +114,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=utils.RECIPES["default"]["batch_size"])
     parser.add_argument("--paper-strides", action="store_true", help="the paper's network instead of the CIFAR option")
     parser.add_argument("--device")
+    parser.add_argument("--compile", action="store_true", help="also time the default path through torch.compile")
     args = parser.parse_args()
 
     device = utils.get_device(args.device)
@@ -158,6 +163,11 @@ def main():
         layout = "channels_last" if channels_last else "NCHW"
         default = " (default)" if channels_last == default_layout else ""
         rows.append((f"project: in-memory batches, {amp}, {layout}{default}", speed))
+    speedup = rows[1 + default_layout][1] / rows[0][1]
+    if args.compile:
+        net, optimizer, criterion = fresh()
+        speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, default_layout, True)
+        rows.append(("project: the default path, torch.compile", speed))
 
     baseline = rows[0][1]
     print(f"\n{'path':<62}{'images/s':>10}{'vs tutorial':>13}")
@@ -165,7 +175,7 @@ def main():
         print(f"{name:<62}{speed:>10.1f}{speed / baseline:>12.2f}x")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads)")  # fmt: skip
-    print(f"speedup: {rows[1 + default_layout][1] / baseline:.2f}x")
+    print(f"speedup: {speedup:.2f}x")
 
 
 if __name__ == "__main__":
