@@ -9,13 +9,22 @@ Each trains with train.py's code (validation split of 5,000, seed 0), evaluates 
 epoch's weights once on the test set (flip TTA reported separately) and writes
 runs/accuracy/<experiment>.json with the per-epoch metrics and times. Any train.py option
 after the experiment's name overrides it (e.g. --lr 0.1).
+
+--emulate bfloat16 (or float16) trains in float32 rounded as autocast would round
+(precision.emulate_autocast): what bf16 costs in accuracy, measured on a CPU.
 """
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import precision  # noqa: E402
 import train  # noqa: E402
+import utils  # noqa: E402
 
 EXPERIMENTS = {
     # The tutorial: its recipe on its network (the paper's strides), 10 epochs.
@@ -32,10 +41,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in EXPERIMENTS:
         raise SystemExit(f"usage: accuracy.py EXPERIMENT [train.py options]; EXPERIMENT is one of {list(EXPERIMENTS)}")
-    name, overrides = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--emulate", choices=["bfloat16", "float16"])
+    args, overrides = parser.parse_known_args(argv[1:])
+    name = argv[0] + (f"-emulated-{args.emulate}" if args.emulate else "")
     out = Path(__file__).resolve().parents[1] / "runs" / "accuracy" / f"{name}.json"
+    if args.emulate:
+        build, dtype = train.MobileNetV2, getattr(torch, args.emulate)
+        train.MobileNetV2 = lambda *a, **k: precision.emulate_autocast(build(*a, **k), dtype)
     # argparse keeps the last value of an option, so the overrides win.
-    return train.main([*EXPERIMENTS[name], "--run-name", name, "--metrics-out", str(out), *overrides])
+    train_argv = [*EXPERIMENTS[argv[0]], "--run-name", name, "--metrics-out", str(out), *overrides]
+    test_acc = train.main(train_argv)
+    out = train.parse_args(train_argv).metrics_out
+    if args.emulate and utils.is_main_process():
+        out.write_text(json.dumps({**json.loads(out.read_text()), "emulated_autocast": args.emulate}, indent=2))
+    return test_acc
 
 
 if __name__ == "__main__":

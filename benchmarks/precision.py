@@ -9,6 +9,10 @@ bf16/fp16 kernels; on a CPU without bf16 instructions it is slow (tens of second
 
     python benchmarks/precision.py --data data/cifar10-jpeg --paper-strides
     python benchmarks/precision.py --data data/cifar10-jpeg --checkpoint model/mobilenetv2_last.pth
+
+emulate_autocast() makes a float32 network compute as if under bf16/fp16 autocast, on any
+CPU: benchmarks/accuracy.py --emulate uses it to measure what bf16 costs in accuracy where
+there is no GPU (and no fast bf16 on the CPU).
 """
 
 import argparse
@@ -17,12 +21,46 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from model import MobileNetV2  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+class _Round(torch.autograd.Function):
+    """Identity that rounds its input to ``dtype`` on the way forward and its gradient on
+    the way back, as a cast into and out of a low-precision kernel does."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def emulate_autocast(net, dtype=torch.bfloat16):
+    """Make ``net`` (float32) round like autocast to ``dtype``: the inputs, weights and outputs
+    of every convolution and linear layer, and the outputs of BatchNorm, forward and backward.
+    Accumulation stays in float32, as in cuDNN's kernels. The weights and state_dict are
+    untouched; only ``forward`` of those layers changes."""
+
+    def low(x):
+        return _Round.apply(x, dtype)
+
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.forward = lambda x, m=m: low(m._conv_forward(low(x), low(m.weight), m.bias))
+        elif isinstance(m, nn.Linear):
+            m.forward = lambda x, m=m: low(F.linear(low(x), low(m.weight), m.bias))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda module, inputs, output: low(output))
+    return net
 
 
 def gradient(net, images, labels, precision, device, label_smoothing):

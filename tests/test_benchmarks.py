@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import utils
 
@@ -80,3 +81,39 @@ def test_accuracy_names_its_experiments_on_a_typo(tmp_path):
     done = run_script(tmp_path, "accuracy.py", "default-paper-100")
     assert done.returncode != 0
     assert "default-paper-10" in done.stderr and "tutorial-paper-10" in done.stderr
+
+
+def test_emulated_autocast_rounds_like_a_low_precision_kernel():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import precision
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 8)
+    reference = {k: v.clone() for k, v in layer.state_dict().items()}
+    precision.emulate_autocast(layer, torch.bfloat16)
+    x = torch.randn(4, 64, requires_grad=True)
+    out = layer(x)
+    exact = torch.nn.functional.linear(x.detach(), layer.weight.detach(), layer.bias.detach())
+    in_bf16 = torch.nn.functional.linear(
+        x.detach().bfloat16(), layer.weight.detach().bfloat16(), layer.bias.detach().bfloat16()
+    )
+    assert torch.equal(out, out.bfloat16().float())  # outputs are bf16 values
+    assert not torch.equal(out, exact)
+    torch.testing.assert_close(out, in_bf16.float(), rtol=1e-2, atol=1e-2)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.equal(x.grad, x.grad.bfloat16().float())  # and so are the gradients
+    assert layer.state_dict().keys() == reference.keys()
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_accuracy_can_emulate_bf16(tmp_path):
+    out = tmp_path / "metrics.json"
+    done = run_script(tmp_path, "accuracy.py", "default-paper-10", "--emulate", "bfloat16", "--data", "synthetic",
+                      "--epochs", "1", "--alpha", "0.25", "--val-size", "100", "--batch-size", "64", "--device", "cpu",
+                      "--model-dir", str(tmp_path / "model"), "--log-dir", str(tmp_path / "logs"),
+                      "--metrics-out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["emulated_autocast"] == "bfloat16"
+    assert record["args"]["run_name"] == "default-paper-10-emulated-bfloat16"
+    assert utils.load_model(tmp_path / "model" / "default-paper-10-emulated-bfloat16.pth")  # plain MobileNetV2 keys
