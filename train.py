@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16/fp16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast to this type (implies --amp)")
     p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
                    help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
     p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")
@@ -89,18 +90,19 @@ def main(argv=None):
     optimizer = utils.make_optimizer(net, recipe)
     scheduler = utils.make_scheduler(optimizer, recipe, args.epochs, len(trainloader))
     main_process = utils.is_main_process()
+    amp = args.amp_dtype or args.amp
     tbwriter = SummaryWriter(args.log_dir / args.run_name) if main_process else None
 
     save_path = args.model_dir / f"{args.run_name}.pth"
     start = time.perf_counter()
     utils.train(
         net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
-        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile, amp=args.amp,
+        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile, amp=amp,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    test = utils.evaluate(net, testloader, device=device, amp=args.amp)
-    test_tta = utils.evaluate(net, testloader, device=device, amp=args.amp, tta=True)
+    test = utils.evaluate(net, testloader, device=device, amp=amp)
+    test_tta = utils.evaluate(net, testloader, device=device, amp=amp, tta=True)
     in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
 
     if main_process:

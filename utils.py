@@ -674,7 +674,12 @@ def load_model(path, device=None, num_classes=None):
 
 
 def _autocast_dtype(device, amp):
-    """bf16 (or fp16 where bf16 is missing) autocast on CUDA by default; none on the CPU."""
+    """The dtype to autocast to, or None. ``amp``: None = bf16 on CUDA, off on the CPU;
+    True = bf16 (fp16 where bf16 is missing); False = off; "bfloat16"/"float16" = that one."""
+    if isinstance(amp, str):
+        if amp not in ("bfloat16", "float16"):
+            raise ValueError(f"amp={amp!r}: choose True, False, None, 'bfloat16' or 'float16'.")
+        return getattr(torch, amp)
     if amp is None:
         amp = device.type == "cuda"
     if not amp:
@@ -899,7 +904,8 @@ def train(
                     random state and history, so the run ends as if never interrupted;
       device        default: get_device() (CUDA, else MPS, else CPU). The model is moved
                     there once, and wrapped in DataParallel/DDP by prepare_model;
-      amp           bf16/fp16 autocast; default on for CUDA, off on the CPU;
+      amp           autocast: None = bf16 on CUDA, off on the CPU; True/False; or the
+                    dtype by name, "bfloat16" or "float16" (with gradient scaling);
       channels_last memory format; default: whichever channels_last_is_faster() says;
       compile       run the model through torch.compile (slow to start, then faster on GPUs;
                     slower on the CPU, measured); falls back to eager where it cannot compile;
@@ -918,7 +924,7 @@ def train(
     if channels_last:
         base.to(memory_format=torch.channels_last)
     amp_dtype = _autocast_dtype(device, amp)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     per_batch = scheduler is not None and _steps_per_batch(scheduler, scheduler_interval)
     main = is_main_process()
     show = verbose and main

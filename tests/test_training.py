@@ -1,5 +1,6 @@
 """train / evaluate / checkpoints on synthetic data and tiny models."""
 
+import math
 import re
 
 import pytest
@@ -291,6 +292,16 @@ def test_plot_history_returns_and_saves_three_figures(tmp_path):
     assert len(figures) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
     assert [len(line.get_xdata()) for line in figures[1].axes[0].lines] == [2, 2]
+
+
+def test_float16_autocast_scales_gradients_and_saves_the_scaler(loaders, tmp_path):
+    path = tmp_path / "m.pth"
+    _, _, _, (acc, loss, _) = run(loaders, epochs=1, save_path=path, amp="float16")
+    assert math.isfinite(loss["train_loss"][0]) and len(acc["val_acc"]) == 1
+    scaler = utils.load_checkpoint(utils.last_checkpoint_path(path))["scaler"]
+    assert scaler is not None and scaler["scale"] > 0  # resumable with its loss scale
+    with pytest.raises(ValueError, match="'float32'.*'bfloat16' or 'float16'"):
+        run(loaders, epochs=1, amp="float32")
 
 
 def test_compile_trains_and_saves_plain_keys(loaders, tmp_path):
