@@ -41,7 +41,12 @@ class _Round(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.dtype).to(grad.dtype), None
+        if ctx.dtype != torch.float16:
+            return grad.to(ctx.dtype).to(grad.dtype), None
+        # fp16 trains with a GradScaler, which keeps gradients inside fp16's range: scale by a
+        # power of two (exact) so that the largest lands just below 2**14, round, scale back.
+        scale = 2.0 ** (14 - torch.log2(grad.abs().amax().clamp_min(1e-30)).ceil())
+        return (grad * scale).to(ctx.dtype).to(grad.dtype) / scale, None
 
 
 def emulate_autocast(net, dtype=torch.bfloat16):

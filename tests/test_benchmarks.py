@@ -117,3 +117,15 @@ def test_accuracy_can_emulate_bf16(tmp_path):
     assert record["emulated_autocast"] == "bfloat16"
     assert record["args"]["run_name"] == "default-paper-10-emulated-bfloat16"
     assert utils.load_model(tmp_path / "model" / "default-paper-10-emulated-bfloat16.pth")  # plain MobileNetV2 keys
+
+
+def test_emulated_float16_keeps_small_gradients_as_a_grad_scaler_would():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import precision
+
+    layer = precision.emulate_autocast(torch.nn.Linear(16, 4), torch.float16)
+    x = torch.randn(2, 16, requires_grad=True)
+    (layer(x) * 1e-9).sum().backward()  # gradients far below fp16's smallest normal number
+    assert x.grad.abs().min() > 0
+    expected = layer.weight.detach().to(torch.float16).float().sum(0).expand(2, 16) * 1e-9
+    torch.testing.assert_close(x.grad, expected, rtol=2e-3, atol=0)
