@@ -130,11 +130,14 @@ def main():
 
     print(f"one batch of {len(batch_labels)} from {args.data}; gradients against float64 on {device}; "
           "cosine similarity (1 = same direction)")  # fmt: skip
-    print(f"{'weights':<34}{'network':<15}{'precision':<11}{'loss':>8}{'all':>9}{'first conv':>12}{'classifier':>12}")
+    width = max(len(name) for name, _, _ in states) + 2
+    print(
+        f"{'weights':<{width}}{'network':<15}{'precision':<11}{'loss':>8}{'all':>9}{'first conv':>12}{'classifier':>12}"
+    )
     for name, config, state in states:
         network = "CIFAR option" if config["small_input"] else "paper strides"
         for precision, loss, total, first, last in compare(config, state, batch, batch_labels, device, label_smoothing):
-            print(f"{name:<34}{network:<15}{precision:<11}{loss:>8.4f}{total:>9.4f}{first:>12.4f}{last:>12.4f}")
+            print(f"{name:<{width}}{network:<15}{precision:<11}{loss:>8.4f}{total:>9.4f}{first:>12.4f}{last:>12.4f}")
 
 
 if __name__ == "__main__":
