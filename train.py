@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16/fp16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
-    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast to this type (implies --amp)")
+                   help="float16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast to this type instead (implies --amp)")
     p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
                    help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
     p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")

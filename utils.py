@@ -674,19 +674,25 @@ def load_model(path, device=None, num_classes=None):
 
 
 def _autocast_dtype(device, amp):
-    """The dtype to autocast to, or None. ``amp``: None = bf16 on CUDA, off on the CPU;
-    True = bf16 (fp16 where bf16 is missing); False = off; "bfloat16"/"float16" = that one."""
+    """The dtype to autocast to, or None. ``amp``: None = float16 on CUDA, off on the CPU;
+    True = float16; False = off; "bfloat16"/"float16" = that one.
+
+    float16 rather than bfloat16: its 3 more mantissa bits keep this network's gradients close
+    to float32's early in training, where bf16's are not, and bf16 cost the paper's network
+    9 points of accuracy in 10 epochs (measured: benchmarks/precision.py, README)."""
     if isinstance(amp, str):
         if amp not in ("bfloat16", "float16"):
             raise ValueError(f"amp={amp!r}: choose True, False, None, 'bfloat16' or 'float16'.")
         return getattr(torch, amp)
     if amp is None:
         amp = device.type == "cuda"
-    if not amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    return torch.float16 if amp else None
+
+
+def grad_scaler(device, amp_dtype):
+    """A GradScaler for float16 autocast, which needs one to keep small gradients from
+    rounding to zero; None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
 def compiled(model):
@@ -904,8 +910,8 @@ def train(
                     random state and history, so the run ends as if never interrupted;
       device        default: get_device() (CUDA, else MPS, else CPU). The model is moved
                     there once, and wrapped in DataParallel/DDP by prepare_model;
-      amp           autocast: None = bf16 on CUDA, off on the CPU; True/False; or the
-                    dtype by name, "bfloat16" or "float16" (with gradient scaling);
+      amp           autocast: None = float16 (with gradient scaling) on CUDA, off on the
+                    CPU; True/False; or the dtype by name, "float16" or "bfloat16";
       channels_last memory format; default: whichever channels_last_is_faster() says;
       compile       run the model through torch.compile (slow to start, then faster on GPUs;
                     slower on the CPU, measured); falls back to eager where it cannot compile;
@@ -924,7 +930,7 @@ def train(
     if channels_last:
         base.to(memory_format=torch.channels_last)
     amp_dtype = _autocast_dtype(device, amp)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(device, amp_dtype)
     per_batch = scheduler is not None and _steps_per_batch(scheduler, scheduler_interval)
     main = is_main_process()
     show = verbose and main

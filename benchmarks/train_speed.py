@@ -7,9 +7,10 @@ crop with padding 4 and horizontal flip), on whatever device is present:
             transforming one image at a time; float32, NCHW; the tutorial's loop, which
             calls torch.cuda.empty_cache() and reads loss and accuracy with .item() every batch.
   project   utils.get_loaders' in-memory loader (decoded once, augmented a batch at a time on
-            the device) and utils.train_one_epoch: bf16 autocast on CUDA, no per-batch
-            synchronisation, in both memory layouts (NCHW and channels_last); train() picks
-            the faster one (utils.channels_last_is_faster), marked "default".
+            the device) and utils.train_one_epoch: float16 autocast with a gradient scaler on
+            CUDA, no per-batch synchronisation, in both memory layouts (NCHW and
+            channels_last); train() picks the faster one (utils.channels_last_is_faster),
+            marked "default".
   --compile adds the default path through torch.compile (train(compile=True)), compiled
             during the warm-up batches.
 
@@ -84,7 +85,8 @@ def project_steps(net, loader, optimizer, criterion, device, steps, warmup, chan
     if compile:
         net = utils.compiled(net)
     amp_dtype = utils._autocast_dtype(device, None)
-    kwargs = {"amp_dtype": amp_dtype, "channels_last": channels_last, "progress": False}
+    kwargs = {"amp_dtype": amp_dtype, "scaler": utils.grad_scaler(device, amp_dtype), "channels_last": channels_last,
+              "progress": False}  # fmt: skip
     utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, device, **kwargs)
     synchronize(device)
     start = time.perf_counter()
@@ -159,7 +161,7 @@ def main():
     for channels_last in (False, True):
         net, optimizer, criterion = fresh()
         speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last)
-        amp = "bf16 autocast" if device.type == "cuda" else "fp32"
+        amp = "fp16 autocast" if device.type == "cuda" else "fp32"
         layout = "channels_last" if channels_last else "NCHW"
         default = " (default)" if channels_last == default_layout else ""
         rows.append((f"project: in-memory batches, {amp}, {layout}{default}", speed))

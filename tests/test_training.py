@@ -319,3 +319,15 @@ def test_compile_falls_back_to_eager_where_unsupported(loaders, monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile is not supported here"):
         _, _, _, (acc, _, _) = run(loaders, epochs=1, compile=True)
     assert len(acc["train_acc"]) == 1
+
+
+def test_default_autocast_is_float16_on_cuda_and_off_on_the_cpu():
+    # float16, not bfloat16: README "Mixed precision" has the measurements behind it.
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert utils._autocast_dtype(cuda, None) == torch.float16
+    assert utils._autocast_dtype(cpu, None) is None
+    assert utils._autocast_dtype(cpu, True) == torch.float16
+    assert utils._autocast_dtype(cuda, False) is None
+    assert utils._autocast_dtype(cuda, "bfloat16") == torch.bfloat16
+    assert isinstance(utils.grad_scaler(cpu, torch.float16), torch.amp.GradScaler)
+    assert utils.grad_scaler(cuda, torch.bfloat16) is None
