@@ -158,10 +158,11 @@ def main():
     rows = [("tutorial: DataLoader, per-image transforms, fp32, NCHW",
              tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))]  # fmt: skip
     default_layout = utils.channels_last_is_faster(net, device)  # what train() would pick
+    amp_dtype = utils._autocast_dtype(device, None)
+    amp = f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32"
     for channels_last in (False, True):
         net, optimizer, criterion = fresh()
         speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last)
-        amp = "fp16 autocast" if device.type == "cuda" else "fp32"
         layout = "channels_last" if channels_last else "NCHW"
         default = " (default)" if channels_last == default_layout else ""
         rows.append((f"project: in-memory batches, {amp}, {layout}{default}", speed))

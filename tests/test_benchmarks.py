@@ -12,6 +12,8 @@ import torch
 import utils
 
 ROOT = utils.ROOT
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import precision  # noqa: E402
 
 
 def run_script(tmp_path, script, *args, timeout=300):
@@ -84,9 +86,6 @@ def test_accuracy_names_its_experiments_on_a_typo(tmp_path):
 
 
 def test_emulated_autocast_rounds_like_a_low_precision_kernel():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import precision
-
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 8)
     reference = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -120,9 +119,6 @@ def test_accuracy_can_emulate_bf16(tmp_path):
 
 
 def test_emulated_float16_keeps_small_gradients_as_a_grad_scaler_would():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import precision
-
     layer = precision.emulate_autocast(torch.nn.Linear(16, 4), torch.float16)
     x = torch.randn(2, 16, requires_grad=True)
     (layer(x) * 1e-9).sum().backward()  # gradients far below fp16's smallest normal number
