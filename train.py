@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import platform
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,10 +67,37 @@ def weights_agree_across_ranks(net):
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
-def main(argv=None):
+@contextmanager
+def process_group(device):
+    """torchrun's process group for the whole run, NCCL on CUDA and gloo on the CPU, torn
+    down at its end; nothing in a plain process."""
+    if utils.distributed_env()[1] == 1:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+        dist.barrier()  # let rank 0 finish writing before any process tears the group down
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None, adapt_network=None, extra=None):
+    """Train as the options say and return the run's record (what --metrics-out writes).
+
+    adapt_network: a function applied to the freshly built network before it is prepared
+    (benchmarks/accuracy.py uses it to emulate low precision); extra: more keys for the record.
+    """
     args = parse_args(argv)
-    utils.set_seed(args.seed)
     device = utils.get_device(args.device)
+    with process_group(device):
+        return run(args, device, adapt_network, extra or {})
+
+
+def run(args, device, adapt_network, extra):
+    utils.set_seed(args.seed)
     recipe = utils.get_recipe(
         args.recipe,
         batch_size=args.batch_size,
@@ -85,7 +112,9 @@ def main(argv=None):
         fast=args.fast_loader, device=device, seed=args.seed,
     )  # fmt: skip
     net = MobileNetV2(len(classes), alpha=args.alpha, small_input=args.small_input, dropout=args.dropout)
-    net = utils.prepare_model(net, device, sync_batchnorm=args.sync_bn)
+    if adapt_network is not None:
+        net = adapt_network(net)
+    net = utils.prepare_model(net, device, sync_batchnorm=args.sync_bn, compile=args.compile)
     criterion = utils.make_criterion(recipe)
     optimizer = utils.make_optimizer(net, recipe)
     scheduler = utils.make_scheduler(optimizer, recipe, args.epochs, len(trainloader))
@@ -93,18 +122,30 @@ def main(argv=None):
     amp = args.amp_dtype or args.amp
     tbwriter = SummaryWriter(args.log_dir / args.run_name) if main_process else None
 
-    save_path = args.model_dir / f"{args.run_name}.pth"
-    start = time.perf_counter()
-    utils.train(
+    history = utils.fit(
         net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
-        save_path, tbwriter, verbose=True, resume=args.resume, compile=args.compile, amp=amp,
+        save_path=args.model_dir / f"{args.run_name}.pth", tbwriter=tbwriter, resume=args.resume, amp=amp,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
-    seconds = time.perf_counter() - start
     test = utils.evaluate(net, testloader, device=device, amp=amp)
     test_tta = utils.evaluate(net, testloader, device=device, amp=amp, tta=True)
     in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
-
+    record = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "recipe": recipe,
+        "model": utils.unwrap_model(net).config,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {os.cpu_count()} cores, {platform.machine()}",
+        "processes": utils.distributed_env()[1],
+        "history": history,
+        "train_seconds": sum(history["seconds"]),
+        "test_acc": test["acc"],
+        "test_acc_flip_tta": test_tta["acc"],
+        "test_per_class_acc": dict(zip(classes, test["per_class_acc"], strict=True)),
+        "weights_in_sync": in_sync,
+        **extra,
+    }
     if main_process:
         count = int(test["confusion"].sum())
         print(f"Accuracy of the final weights on the {count} test images: {test['acc']:.2f} % "
@@ -115,27 +156,9 @@ def main(argv=None):
             print(f"Weights identical on all {dist.get_world_size()} processes: {in_sync}")
         tbwriter.close()
         if args.metrics_out:
-            record = {
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "recipe": recipe,
-                "model": utils.unwrap_model(net).config,
-                "device": torch.cuda.get_device_name(device)
-                if device.type == "cuda"
-                else f"CPU, {os.cpu_count()} cores, {platform.machine()}",
-                "processes": utils.distributed_env()[1],
-                "history": utils.load_checkpoint(utils.last_checkpoint_path(save_path))["history"],
-                "train_seconds": seconds,
-                "test_acc": test["acc"],
-                "test_acc_flip_tta": test_tta["acc"],
-                "test_per_class_acc": dict(zip(classes, test["per_class_acc"], strict=True)),
-                "weights_in_sync": in_sync,
-            }
             args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
             args.metrics_out.write_text(json.dumps(record, indent=2))
-    if dist.is_initialized():
-        dist.barrier()  # let rank 0 finish writing before any process tears the group down
-        dist.destroy_process_group()
-    return test["acc"]
+    return record
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +37,9 @@ LOG_DIR = ROOT / "logs"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 CHECKPOINT_FORMAT = "mobilenetv2-cifar10-checkpoint/1"
+# What train() records per epoch; the first four are the metrics a checkpoint and TensorBoard show.
+HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+METRICS = HISTORY[:4]
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,33 +110,75 @@ def unwrap_model(net):
             return net
 
 
-def prepare_model(net, device=None, sync_batchnorm=False):
-    """Move ``net`` to ``device`` and wrap it for several GPUs.
+def channels_last_is_faster(net, device):
+    """Whether training ``net`` on ``device`` is faster in channels_last memory format, as
+    measured with benchmarks/train_speed.py: yes on CUDA, and on the CPU for small_input;
+    on the CPU the paper's network, whose late maps are 2x2 and 1x1, is faster in NCHW."""
+    return device.type == "cuda" or bool(getattr(net, "config", {}).get("small_input", False))
 
-    Under torchrun it becomes DistributedDataParallel (the process group is set up here,
-    NCCL on CUDA and gloo on the CPU), optionally with SyncBatchNorm; in one process with
-    several GPUs, DataParallel, as the tutorial does. A model that is already wrapped is
-    returned as it is, so calling this twice is harmless.
+
+def prepare_model(net, device=None, *, channels_last=None, sync_batchnorm=False, compile=False):
+    """Make ``net`` ready to train, always in this order: device, memory format, SyncBatchNorm,
+    DistributedDataParallel (under torchrun) or DataParallel (several GPUs in one process, as
+    the tutorial does), torch.compile. DDP must come after the memory format, or it keeps
+    gradient buckets of the wrong strides and copies every gradient.
+
+    channels_last: None picks the faster layout (channels_last_is_faster). Under torchrun the
+    process group must exist already (train.py starts it). A model that is already wrapped
+    keeps its wrapping, so calling this twice is harmless.
     """
-    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return net
     device = get_device(device, verbose=False)
-    _, world_size, _ = distributed_env()
-    if world_size > 1:
-        if not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if sync_batchnorm:
-            if device.type != "cuda":
-                raise ValueError("sync_batchnorm needs CUDA; on the CPU each process normalises over its own batch.")
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = net.to(device)
-        return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    net = net.to(device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        net = nn.DataParallel(net)
+    wrapped = isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or hasattr(net, "_orig_mod")
+    if not wrapped:
+        if channels_last is None:
+            channels_last = channels_last_is_faster(net, device)
+        net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if distributed_env()[1] > 1:
+            if not dist.is_initialized():
+                raise RuntimeError("Under torchrun, start the process group before preparing the model (see train.py).")
+            if sync_batchnorm:
+                if device.type != "cuda":
+                    raise ValueError(
+                        "sync_batchnorm needs CUDA; on the CPU each process normalises over its own batch."
+                    )
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        elif device.type == "cuda" and torch.cuda.device_count() > 1:
+            net = nn.DataParallel(net)
+    if compile and not hasattr(net, "_orig_mod"):
+        net = compiled(net)
     return net
+
+
+class CompiledModel(nn.Module):
+    """``torch.compile(module)`` that runs ``module`` eagerly, after one warning, if compiling
+    fails. Its state_dict is the module's own, under ``_orig_mod.`` as torch.compile's is."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+        # Kept out of the module tree, so that parameters and state_dict are not listed twice.
+        self.__dict__["_compiled"] = torch.compile(module)
+
+    def forward(self, *args, **kwargs):
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as error:  # dynamo and inductor raise many kinds; the eager run re-raises real bugs
+                warnings.warn(f"torch.compile failed, running without it from now on: {error}", stacklevel=2)
+                self.__dict__["_compiled"] = None
+        return self._orig_mod(*args, **kwargs)
+
+
+def compiled(model):
+    """``model`` through torch.compile (CompiledModel), or ``model`` itself with a warning
+    where compiling is not supported."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        warnings.warn("torch.compile is not supported here; training without it.", stacklevel=2)
+        return model
+    return CompiledModel(model)
 
 
 def _all_reduce_sum(tensor):
@@ -365,6 +411,7 @@ class InMemoryLoader:
         device="cpu",
         rank=0,
         world_size=1,
+        classes=None,
     ):
         self.device = torch.device(device)
         self.images = images.to(self.device)
@@ -373,6 +420,8 @@ class InMemoryLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        # What a checkpoint records of the data (data_info).
+        self.classes, self.mean, self.std = classes, tuple(mean), tuple(std)
         # On the device once, so that normalising a batch copies nothing from the host.
         self._mean = torch.tensor(mean, device=self.device)
         self._std = torch.tensor(std, device=self.device)
@@ -412,8 +461,8 @@ class InMemoryLoader:
 class TensorImageDataset(torch.utils.data.Dataset):
     """uint8 images (N, 3, H, W) and labels with per-image torchvision transforms."""
 
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images, labels, transform, classes):
+        self.images, self.labels, self.transform, self.classes = images, labels, transform, classes
 
     def __len__(self):
         return len(self.labels)
@@ -452,8 +501,8 @@ def get_loaders(
     batch_size: training batch; under torchrun, the global batch summed over processes.
     fast:       True gives InMemoryLoader (data on the device, batch ops); False gives
                 torch.utils.data.DataLoader with per-image transforms.
-    Each loader carries ``classes``, ``mean`` and ``std``: checkpoints record them so that a
-    saved model predicts with the same preprocessing it was trained with.
+    Checkpoints record the classes, mean and std (data_info reads them from these loaders),
+    so that a saved model predicts with the same preprocessing it was trained with.
     """
     train_images, train_labels, classes = load_split(source, "train", root, image_size)
     test_images, test_labels, _ = load_split(source, "test", root, image_size)
@@ -479,10 +528,12 @@ def get_loaders(
             device = get_device(device, verbose=False)
             loader = InMemoryLoader(
                 images, labels, size, mean, std, shuffle=training, augment=training and augment,
-                drop_last=training, seed=seed, device=device, rank=rank, world_size=world_size,
+                drop_last=training, seed=seed, device=device, rank=rank, world_size=world_size, classes=list(classes),
             )  # fmt: skip
         else:
-            dataset = TensorImageDataset(images, labels, image_transform(mean, std, training and augment))
+            dataset = TensorImageDataset(
+                images, labels, image_transform(mean, std, training and augment), list(classes)
+            )
             if world_size > 1:
                 sampler = (
                     torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -495,7 +546,6 @@ def get_loaders(
                 dataset, batch_size=size, sampler=sampler, drop_last=training,
                 num_workers=num_workers, persistent_workers=num_workers > 0,
             )  # fmt: skip
-        loader.classes, loader.mean, loader.std = list(classes), mean, std
         loaders[name] = loader
     return loaders["train"], loaders["val"], loaders["test"], list(classes)
 
@@ -586,7 +636,8 @@ def make_criterion(recipe):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: state_dicts and plain metadata, written atomically, loaded safely
+# Checkpoints: one format, built, saved, resumed and loaded here. State_dicts and plain
+# metadata only, written atomically, loaded with weights_only=True.
 
 
 class CheckpointError(ValueError):
@@ -614,6 +665,82 @@ def last_checkpoint_path(save_path):
     """Where train() keeps the resumable checkpoint next to the best one."""
     save_path = Path(save_path)
     return save_path.with_name(f"{save_path.stem}_last{save_path.suffix}")
+
+
+def data_info(loader, data=None):
+    """What a checkpoint records of the data, so that prediction preprocesses as training did:
+    {"classes": [...], "mean": (r, g, b), "std": (r, g, b)}.
+
+    ``data``, a dict with those keys, is used as given. Otherwise they are read from the
+    loader: get_loaders' loaders carry them, and so does a torch DataLoader whose dataset
+    (inside any Subset) has ``classes``, as ImageFolder and CIFAR10 do, and a transform with a
+    Normalize step. Anything missing raises a ValueError that says what to pass.
+    """
+    if data is None:
+        dataset = getattr(loader, "dataset", None)
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset = dataset.dataset
+        transform = getattr(dataset, "transform", None)
+        steps = getattr(transform, "transforms", [transform])
+        normalize_step = next((t for t in steps if type(t).__name__ == "Normalize"), None)
+        data = {
+            "classes": getattr(dataset, "classes", None),
+            "mean": getattr(normalize_step, "mean", None),
+            "std": getattr(normalize_step, "std", None),
+        }
+        data.update({key: getattr(loader, key) for key in data if getattr(loader, key, None) is not None})
+    missing = [key for key in ("classes", "mean", "std") if data.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"A checkpoint needs the data's {', '.join(missing)}, and the training loader does not tell them. "
+            "Pass them to train() or fit(): data={'classes': [...], 'mean': (r, g, b), 'std': (r, g, b)}, "
+            "the values your Normalize step uses."
+        )
+    return {
+        "classes": list(data["classes"]),
+        "mean": tuple(float(v) for v in data["mean"]),
+        "std": tuple(float(v) for v in data["std"]),
+    }
+
+
+def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, scheduler=None, scaler=None):
+    """The checkpoint dict: the weights (no wrapper prefixes), what rebuilds the network
+    (arch, model_config), what prediction needs (data_info's classes, mean, std) and the run so
+    far. Given ``optimizer``, also all that resuming needs: optimizer, scheduler, gradient
+    scaler and random state."""
+    base = unwrap_model(net)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": type(base).__name__,
+        "model_config": getattr(base, "config", None),
+        **data,
+        "model": base.state_dict(),
+        "epochs": epochs,
+        "epoch": len(history["val_acc"]),
+        "history": history,
+        "metrics": {key: history[key][-1] for key in METRICS if history[key]},
+        "best_val_acc": best_val_acc,
+    }
+    if optimizer is not None:
+        device = next(base.parameters()).device
+        checkpoint["optimizer"] = optimizer.state_dict()
+        checkpoint["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        checkpoint["scaler"] = scaler.state_dict() if scaler is not None else None
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        checkpoint["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
+    return checkpoint
+
+
+def save_checkpoints(save_path, model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler):
+    """After an epoch: ``save_path`` when the validation accuracy improved, and the resumable
+    <stem>_last.pth every time. Returns the best validation accuracy so far."""
+    improved = history["val_acc"][-1] > best_val_acc
+    best_val_acc = max(best_val_acc, history["val_acc"][-1])
+    if improved:
+        atomic_save(make_checkpoint(model, data, epochs, history, best_val_acc), save_path)
+    resumable = make_checkpoint(model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler)
+    atomic_save(resumable, last_checkpoint_path(save_path))
+    return best_val_acc
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -648,6 +775,33 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def resume_training(save_path, model, optimizer, scheduler, scaler, epochs):
+    """Restore what make_checkpoint saved in <save_path stem>_last.pth into the objects given,
+    so that the run ends as if it had never stopped. Returns (history, best_val_acc)."""
+    if save_path is None:
+        raise ValueError("resume=True needs save_path: the checkpoint to resume is <save_path stem>_last.pth.")
+    path = last_checkpoint_path(save_path)
+    base = unwrap_model(model)
+    device = next(base.parameters()).device
+    checkpoint = load_checkpoint(path, map_location=device)
+    if checkpoint["epochs"] != epochs:
+        raise ValueError(
+            f"{path} is from a run of {checkpoint['epochs']} epochs; resume it with epoch="
+            f"{checkpoint['epochs']} (schedules such as OneCycleLR are planned for the whole run), "
+            "or start a new run to train for longer."
+        )
+    base.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint["scheduler"] is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    return checkpoint["history"], checkpoint["best_val_acc"]
+
+
 def load_model(path, device=None, num_classes=None):
     """Rebuild the network a checkpoint was trained as, in eval mode, from its own metadata.
 
@@ -670,16 +824,16 @@ def load_model(path, device=None, num_classes=None):
 
 
 # ----------------------------------------------------------------------------------------
-# Training and evaluation
+# Training and evaluation: fit() is the loop; the steps it is made of follow it
 
 
-def _autocast_dtype(device, amp):
+def autocast_dtype(device, amp):
     """The dtype to autocast to, or None. ``amp``: None = float16 on CUDA, off on the CPU;
     True = float16; False = off; "bfloat16"/"float16" = that one.
 
     float16 rather than bfloat16: its 3 more mantissa bits keep this network's gradients close
     to float32's early in training, where bf16's are not, and bf16 cost the paper's network
-    9 points of accuracy in 10 epochs (measured: benchmarks/precision.py, README)."""
+    9 points of accuracy in 10 epochs (measured: benchmarks/precision.py, benchmarks/README.md)."""
     if isinstance(amp, str):
         if amp not in ("bfloat16", "float16"):
             raise ValueError(f"amp={amp!r}: choose True, False, None, 'bfloat16' or 'float16'.")
@@ -693,35 +847,6 @@ def grad_scaler(device, amp_dtype):
     """A GradScaler for float16 autocast, which needs one to keep small gradients from
     rounding to zero; None otherwise."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-
-def compiled(model):
-    """torch.compile(model), or ``model`` itself with a warning where compiling is not
-    supported; an error while compiling a graph later also falls back to eager."""
-    import warnings
-
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        warnings.warn("torch.compile is not supported here; training without it.", stacklevel=2)
-        return model
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
-
-
-def channels_last_is_faster(net, device):
-    """Whether training ``net`` on ``device`` is faster in channels_last memory format, as
-    measured with benchmarks/train_speed.py: yes on CUDA, and on the CPU for small_input;
-    on the CPU the paper's network, whose late maps are 2x2 and 1x1, is faster in NCHW."""
-    return device.type == "cuda" or bool(getattr(net, "config", {}).get("small_input", False))
-
-
-def _steps_per_batch(scheduler, interval):
-    if interval is not None:
-        if interval not in ("batch", "epoch"):
-            raise ValueError(f"scheduler_interval must be 'batch', 'epoch' or None, not {interval!r}")
-        return interval == "batch"
-    return isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR))
 
 
 def train_one_epoch(
@@ -802,7 +927,7 @@ def evaluate(
     """
     device = get_device(device, verbose=False) if device is None else torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    amp_dtype = _autocast_dtype(device, amp)
+    amp_dtype = autocast_dtype(device, amp)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     was_training = net.training
     net.eval()
@@ -847,18 +972,102 @@ def evaluate(
     }
 
 
-def _default_hparams(model, loader, optimizer, criterion, scheduler, epochs):
-    hparams = {
-        "epochs": epochs,
-        "batch_size": getattr(loader, "batch_size", None),
-        "optimizer": type(optimizer).__name__,
-        "scheduler": type(scheduler).__name__ if scheduler is not None else "none",
-        "label_smoothing": getattr(criterion, "label_smoothing", 0.0),
-    }
-    group = optimizer.param_groups[0]
-    hparams.update({k: group[k] for k in ("lr", "momentum", "weight_decay", "nesterov") if k in group})
-    hparams.update(getattr(unwrap_model(model), "config", {}))
-    return hparams
+def fit(
+    net,
+    train_loader,
+    val_loader,
+    epochs,
+    optimizer,
+    criterion,
+    scheduler=None,
+    *,
+    save_path=None,
+    tbwriter=None,
+    verbose=True,
+    resume=False,
+    device=None,
+    amp=None,
+    channels_last=None,
+    scheduler_interval=None,
+    compile=False,
+    data=None,
+    hparams=None,
+):
+    """Train ``net`` for ``epochs`` epochs and return the history: a dict of per-epoch lists
+    train_loss, train_acc, val_loss, val_acc (%), lr and seconds. train() documents the
+    arguments; ``data`` is data_info's dict, read from ``train_loader`` when not given."""
+    device = get_device(device, verbose=False)
+    if channels_last is None:
+        channels_last = channels_last_is_faster(unwrap_model(net), device)
+    model = prepare_model(net, device, channels_last=channels_last, compile=compile)
+    amp_dtype = autocast_dtype(device, amp)
+    scaler = grad_scaler(device, amp_dtype)
+    per_batch = _steps_per_batch(scheduler, scheduler_interval)
+    data = data_info(train_loader, data) if save_path else None  # an error now, not after an epoch
+    pick_fast_kernels(device)
+    main = is_main_process()
+    show = verbose and main
+    history, best_val_acc = {key: [] for key in HISTORY}, -math.inf
+    if resume:
+        history, best_val_acc = resume_training(save_path, model, optimizer, scheduler, scaler, epochs)
+        if show:
+            print(f"Resuming from {last_checkpoint_path(save_path)} after epoch {len(history['val_acc'])}/{epochs}.")
+    elif tbwriter is not None and main:
+        _add_graph(tbwriter, unwrap_model(model), train_loader, device)
+
+    epoch = start = len(history["val_acc"])
+    try:
+        for epoch in range(start, epochs):
+            began = time.perf_counter()
+            _set_loader_epoch(train_loader, epoch)
+            title = f"Epoch {epoch + 1}/{epochs}"
+            train_metrics = train_one_epoch(
+                model, train_loader, optimizer, criterion, device, scheduler if per_batch else None,
+                scaler, amp_dtype, channels_last, desc=f"Train {title}", progress=show,
+            )  # fmt: skip
+            lr = optimizer.param_groups[0]["lr"]
+            # Without validation data the training metrics stand in.
+            val_metrics = train_metrics if val_loader is None else evaluate(
+                model, val_loader, criterion, device, amp=amp, channels_last=channels_last,
+                desc=f"Val {title}", progress=show,
+            )  # fmt: skip
+            if scheduler is not None and not per_batch:
+                _step_scheduler(scheduler, val_metrics["loss"])
+            _record_epoch(history, train_metrics, val_metrics, lr, time.perf_counter() - began)
+            if show:
+                print(_epoch_line(history, epochs))
+            if main and tbwriter is not None:
+                _log_epoch(tbwriter, history)
+            if main and save_path:
+                best_val_acc = save_checkpoints(save_path, model, data, epochs, history, best_val_acc,
+                                                optimizer, scheduler, scaler)  # fmt: skip
+    except KeyboardInterrupt:
+        if show:
+            saved = save_path and epoch > start
+            where = (
+                f"{last_checkpoint_path(save_path)} holds epoch {epoch}" if saved else "no new checkpoint was written"
+            )
+            print(f"\nInterrupted during epoch {epoch + 1}/{epochs}; {where}. Continue with train(..., resume=True).")
+        raise
+    if main and tbwriter is not None and history["val_acc"]:
+        _log_hparams(tbwriter, model, train_loader, optimizer, criterion, scheduler, epochs, history, hparams)
+    return history
+
+
+def pick_fast_kernels(device):
+    """Let cuDNN time its kernels and keep the fastest (the input size never changes), unless
+    set_seed(deterministic=True) asked for repeatable ones."""
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True
+
+
+def _steps_per_batch(scheduler, interval):
+    """Whether ``scheduler`` steps after every batch (else once per epoch)."""
+    if interval is not None:
+        if interval not in ("batch", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'batch', 'epoch' or None, not {interval!r}")
+        return scheduler is not None and interval == "batch"
+    return isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR))
 
 
 def _set_loader_epoch(loader, epoch):
@@ -868,6 +1077,66 @@ def _set_loader_epoch(loader, epoch):
         loader.set_epoch(epoch)
     elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+def _step_scheduler(scheduler, val_loss):
+    if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
+def _record_epoch(history, train_metrics, val_metrics, lr, seconds):
+    values = (train_metrics["loss"], train_metrics["acc"], val_metrics["loss"], val_metrics["acc"], lr, seconds)
+    for key, value in zip(HISTORY, values, strict=True):
+        history[key].append(value)
+
+
+def _epoch_line(history, epochs):
+    """The tutorial's line for the epoch just recorded."""
+    last = {key: values[-1] for key, values in history.items()}
+    return (
+        f"Epoch [{len(history['val_acc']):>3d}/{epochs:>3d}]  Train Loss:{last['train_loss']:.6f}  "
+        f"Train Acc:{last['train_acc']:.2f}% Val Loss:{last['val_loss']:.6f}  Val Acc:{last['val_acc']:.2f}%  "
+        f"Learning Rate:{last['lr']:.6f}  Time:{last['seconds']:.1f}s"
+    )
+
+
+def _log_epoch(tbwriter, history):
+    step = len(history["val_acc"])
+    tbwriter.add_scalars("Loss", {"train": history["train_loss"][-1], "val": history["val_loss"][-1]}, step)
+    tbwriter.add_scalars("Accuracy", {"train": history["train_acc"][-1], "val": history["val_acc"][-1]}, step)
+    tbwriter.add_scalar("Learning Rate", history["lr"][-1], step)
+    tbwriter.add_scalar("Seconds per epoch", history["seconds"][-1], step)
+
+
+def _log_hparams(tbwriter, model, loader, optimizer, criterion, scheduler, epochs, history, extra):
+    """The run's settings beside its final metrics, for TensorBoard's hparams tab."""
+    group = optimizer.param_groups[0]
+    values = {
+        "epochs": epochs,
+        "batch_size": getattr(loader, "batch_size", None),
+        "optimizer": type(optimizer).__name__,
+        "scheduler": type(scheduler).__name__ if scheduler is not None else "none",
+        "label_smoothing": getattr(criterion, "label_smoothing", 0.0),
+        **{key: group[key] for key in ("lr", "momentum", "weight_decay", "nesterov") if key in group},
+        **getattr(unwrap_model(model), "config", {}),
+        **(extra or {}),
+    }
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+    tbwriter.add_hparams(values, {f"hparam/{key}": history[key][-1] for key in METRICS}, run_name=".")
+    tbwriter.flush()
+
+
+def _add_graph(tbwriter, net, loader, device):
+    """Trace the model for TensorBoard's graph tab, in eval mode on zeros so that no
+    BatchNorm statistics or random numbers are used up."""
+    sample = next(iter(loader))[0][:2]
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # add_graph traces with torch.jit
+        tbwriter.add_graph(net, torch.zeros_like(sample, device=device))
+    net.train()
 
 
 def train(
@@ -881,18 +1150,11 @@ def train(
     save_path=None,
     tbwriter=None,
     verbose=True,
-    *,
-    resume=False,
-    device=None,
-    amp=None,
-    channels_last=None,
-    scheduler_interval=None,
-    compile=False,
-    hparams=None,
+    **options,
 ):
-    """Train ``net`` for ``epoch`` epochs and return the per-epoch histories (Acc, Loss, Lr).
+    """The tutorial's training call: fit() with its arguments in its order, returning the
+    per-epoch histories as the tutorial's (Acc, Loss, Lr).
 
-    The tutorial's arguments, in its order:
       trainloader  training batches;
       testloader   the *validation* batches (or None): they pick the best checkpoint and
                    drive ReduceLROnPlateau; use a held-out split, not the test set;
@@ -905,167 +1167,26 @@ def train(
                    as <name>_last.pth. None saves nothing;
       tbwriter     a torch.utils.tensorboard.SummaryWriter, or None;
       verbose      progress bars and one line per epoch.
-    Keyword-only extras:
+    Keyword-only ``options`` (fit's):
       resume        continue from <save_path stem>_last.pth: weights, optimizer, scheduler,
                     random state and history, so the run ends as if never interrupted;
-      device        default: get_device() (CUDA, else MPS, else CPU). The model is moved
-                    there once, and wrapped in DataParallel/DDP by prepare_model;
+      device        default: get_device() (CUDA, else MPS, else CPU); prepare_model moves and
+                    wraps the network;
       amp           autocast: None = float16 (with gradient scaling) on CUDA, off on the
                     CPU; True/False; or the dtype by name, "float16" or "bfloat16";
       channels_last memory format; default: whichever channels_last_is_faster() says;
       compile       run the model through torch.compile (slow to start, then faster on GPUs;
-                    slower on the CPU, measured); falls back to eager where it cannot compile;
+                    slower on the CPU, measured); falls back to eager, with a warning;
+      data          classes, mean and std for the checkpoints (data_info), when the loader
+                    does not tell them;
       hparams       extra values to record with the final metrics in TensorBoard.
     Returns Acc = {"train_acc", "val_acc"} (%), Loss = {"train_loss", "val_loss"}, Lr (lists).
     """
-    device = get_device(device, verbose=False)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    model = prepare_model(net, device)
-    base = unwrap_model(model)
-    if channels_last is None:
-        channels_last = channels_last_is_faster(base, device)
-    if compile:
-        model = compiled(model)
-    if channels_last:
-        base.to(memory_format=torch.channels_last)
-    amp_dtype = _autocast_dtype(device, amp)
-    scaler = grad_scaler(device, amp_dtype)
-    per_batch = scheduler is not None and _steps_per_batch(scheduler, scheduler_interval)
-    main = is_main_process()
-    show = verbose and main
-    last_path = last_checkpoint_path(save_path) if save_path else None
-
-    history = {"train_acc": [], "val_acc": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
-    start_epoch, best_acc = 0, -math.inf
-    if resume:
-        if last_path is None:
-            raise ValueError("resume=True needs save_path: the checkpoint to resume is <save_path stem>_last.pth.")
-        checkpoint = load_checkpoint(last_path, map_location=device)
-        if checkpoint["epochs"] != epoch:
-            raise ValueError(
-                f"{last_path} is from a run of {checkpoint['epochs']} epochs; resume it with epoch="
-                f"{checkpoint['epochs']} (schedules such as OneCycleLR are planned for the whole run), "
-                "or start a new run to train for longer."
-            )
-        base.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint["scheduler"] is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint["scaler"] is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        history = checkpoint["history"]
-        start_epoch, best_acc = checkpoint["epoch"], checkpoint["best_val_acc"]
-        if show:
-            print(f"Resuming from {last_path} after epoch {start_epoch}/{epoch}.")
-    elif tbwriter is not None and main:
-        _add_graph(tbwriter, base, trainloader, device)
-
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": type(base).__name__,
-        "model_config": getattr(base, "config", None),
-        "classes": getattr(trainloader, "classes", None),
-        "mean": getattr(trainloader, "mean", None),
-        "std": getattr(trainloader, "std", None),
-        "epochs": epoch,
-    }
-    e = start_epoch
-    try:
-        for e in range(start_epoch, epoch):
-            start = time.perf_counter()
-            _set_loader_epoch(trainloader, e)
-            try:
-                train_metrics = train_one_epoch(
-                    model, trainloader, optimizer, criterion, device,
-                    batch_scheduler=scheduler if per_batch else None, scaler=scaler, amp_dtype=amp_dtype,
-                    channels_last=channels_last, desc=f"Train Epoch {e + 1}/{epoch}", progress=show,
-                )  # fmt: skip
-            except FloatingPointError as error:
-                raise FloatingPointError(f"Epoch {e + 1}: {error}") from None
-            lr = optimizer.param_groups[0]["lr"]
-            if testloader is not None:
-                val = evaluate(model, testloader, criterion, device, amp=amp, channels_last=channels_last,
-                               desc=f"Val Epoch {e + 1}/{epoch}", progress=show)  # fmt: skip
-                val_loss, val_acc = val["loss"], val["acc"]
-            else:  # without validation data, the training metrics stand in
-                val_loss, val_acc = train_metrics["loss"], train_metrics["acc"]
-            if scheduler is not None and not per_batch:
-                if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(val_loss)
-                else:
-                    scheduler.step()
-            seconds = time.perf_counter() - start
-
-            metrics = {"train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
-                       "val_loss": val_loss, "val_acc": val_acc}  # fmt: skip
-            for key, value in metrics.items():
-                history[key].append(value)
-            history["lr"].append(lr)
-            history["seconds"].append(seconds)
-            if show:
-                print(
-                    f"Epoch [{e + 1:>3d}/{epoch:>3d}]  Train Loss:{metrics['train_loss']:.6f}  "
-                    f"Train Acc:{metrics['train_acc']:.2f}% Val Loss:{val_loss:.6f}  Val Acc:{val_acc:.2f}%  "
-                    f"Learning Rate:{lr:.6f}  Time:{seconds:.1f}s"
-                )
-            if not main:
-                continue
-            if tbwriter is not None:
-                tbwriter.add_scalars("Loss", {"train": metrics["train_loss"], "val": val_loss}, e + 1)
-                tbwriter.add_scalars("Accuracy", {"train": metrics["train_acc"], "val": val_acc}, e + 1)
-                tbwriter.add_scalar("Learning Rate", lr, e + 1)
-                tbwriter.add_scalar("Seconds per epoch", seconds, e + 1)
-            if save_path:
-                improved = val_acc > best_acc
-                best_acc = max(best_acc, val_acc)
-                state = {**metadata, "model": base.state_dict(), "epoch": e + 1, "history": history,
-                         "metrics": metrics, "best_val_acc": best_acc}  # fmt: skip
-                if improved:
-                    atomic_save(state, save_path)
-                rng = {
-                    "cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                }
-                resumable = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng,
-                }
-                atomic_save({**state, **resumable}, last_path)
-    except KeyboardInterrupt:
-        if show:
-            where = f"{last_path} holds epoch {e}" if save_path and e > start_epoch else "no new checkpoint was written"
-            print(f"\nInterrupted during epoch {e + 1}/{epoch}; {where}. Continue with train(..., resume=True).")
-        raise
-
-    if tbwriter is not None and main and history["val_acc"]:
-        values = {**_default_hparams(model, trainloader, optimizer, criterion, scheduler, epoch), **(hparams or {})}
-        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
-        final = {f"hparam/{k}": history[k][-1] for k in ("train_acc", "val_acc", "train_loss", "val_loss")}
-        tbwriter.add_hparams(values, final, run_name=".")
-        tbwriter.flush()
-
+    history = fit(net, trainloader, testloader, epoch, optimizer, criterion, scheduler,
+                  save_path=save_path, tbwriter=tbwriter, verbose=verbose, **options)  # fmt: skip
     Acc = {"train_acc": history["train_acc"], "val_acc": history["val_acc"]}
     Loss = {"train_loss": history["train_loss"], "val_loss": history["val_loss"]}
     return Acc, Loss, history["lr"]
-
-
-def _add_graph(tbwriter, net, loader, device):
-    """Trace the model for TensorBoard's graph tab, in eval mode on zeros so that no
-    BatchNorm statistics or random numbers are used up."""
-    import warnings
-
-    sample = next(iter(loader))[0][:2]
-    net.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # add_graph traces with torch.jit
-        tbwriter.add_graph(net, torch.zeros_like(sample, device=device))
-    net.train()
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ after the experiment's name overrides it (e.g. --lr 0.1).
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import precision  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 
 EXPERIMENTS = {
     # The tutorial: its recipe on its network (the paper's strides), 10 epochs.
@@ -46,16 +44,16 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv[1:])
     name = argv[0] + (f"-emulated-{args.emulate}" if args.emulate else "")
     out = Path(__file__).resolve().parents[1] / "runs" / "accuracy" / f"{name}.json"
-    if args.emulate:
-        build, dtype = train.MobileNetV2, getattr(torch, args.emulate)
-        train.MobileNetV2 = lambda *a, **k: precision.emulate_autocast(build(*a, **k), dtype)
     # argparse keeps the last value of an option, so the overrides win.
     train_argv = [*EXPERIMENTS[argv[0]], "--run-name", name, "--metrics-out", str(out), *overrides]
-    test_acc = train.main(train_argv)
-    out = train.parse_args(train_argv).metrics_out
-    if args.emulate and utils.is_main_process():
-        out.write_text(json.dumps({**json.loads(out.read_text()), "emulated_autocast": args.emulate}, indent=2))
-    return test_acc
+    if not args.emulate:
+        return train.main(train_argv)
+    dtype = getattr(torch, args.emulate)
+    return train.main(
+        train_argv,
+        adapt_network=lambda net: precision.emulate_autocast(net, dtype),
+        extra={"emulated_autocast": args.emulate},
+    )
 
 
 if __name__ == "__main__":

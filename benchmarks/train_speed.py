@@ -84,7 +84,7 @@ def project_steps(net, loader, optimizer, criterion, device, steps, warmup, chan
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if compile:
         net = utils.compiled(net)
-    amp_dtype = utils._autocast_dtype(device, None)
+    amp_dtype = utils.autocast_dtype(device, None)
     kwargs = {"amp_dtype": amp_dtype, "scaler": utils.grad_scaler(device, amp_dtype), "channels_last": channels_last,
               "progress": False}  # fmt: skip
     utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, device, **kwargs)
@@ -158,7 +158,7 @@ def main():
     rows = [("tutorial: DataLoader, per-image transforms, fp32, NCHW",
              tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))]  # fmt: skip
     default_layout = utils.channels_last_is_faster(net, device)  # what train() would pick
-    amp_dtype = utils._autocast_dtype(device, None)
+    amp_dtype = utils.autocast_dtype(device, None)
     amp = f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32"
     for channels_last in (False, True):
         net, optimizer, criterion = fresh()

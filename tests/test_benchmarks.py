@@ -30,8 +30,8 @@ def test_train_speed_prints_a_table_and_ends_with_the_speedup(tmp_path):
     rows = [re.fullmatch(r"((?:tutorial|project): .*?)\s+([\d.]+)\s+([\d.]+)x", line) for line in lines]
     rows = [row.groups() for row in rows if row]
     assert [name.split(":")[0] for name, _, _ in rows] == ["tutorial", "project", "project"]
-    assert all(float(speed) > 0 for _, speed, _ in rows)
-    assert rows[0][2] == "1.00"
+    baseline = float(rows[0][1])
+    assert all(float(ratio) == pytest.approx(float(speed) / baseline, abs=0.006) for _, speed, ratio in rows)
     defaults = [ratio for name, _, ratio in rows if name.endswith("(default)")]
     assert len(defaults) == 1
     assert lines[-1] == f"speedup: {defaults[0]}x"
@@ -75,8 +75,9 @@ def test_precision_compares_each_precision_with_float64(accuracy_run):
         ("default-paper-10_last.pth,", "float16"),
     ]  # fmt: skip
     cosines = [[float(v) for v in row[-3:]] for row in rows]
-    assert all(-1 <= c <= 1 for row in cosines for c in row)
     assert min(cosines[0] + cosines[3]) > 0.999  # float32 is the control
+    # bf16 keeps 8 bits of mantissa: its gradients are visibly further from float64's.
+    assert cosines[1][0] < cosines[0][0] and cosines[4][0] < cosines[3][0]
 
 
 def test_accuracy_names_its_experiments_on_a_typo(tmp_path):

@@ -31,15 +31,10 @@ def random_network(small_input, alpha=0.25):
 
 
 def save_checkpoint(net, path, mean, std):
-    """A checkpoint with the keys train() writes."""
-    utils.atomic_save(
-        {
-            "format": utils.CHECKPOINT_FORMAT, "arch": "MobileNetV2", "model_config": net.config,
-            "classes": [f"class_{i}" for i in range(10)], "mean": mean, "std": std, "model": net.state_dict(),
-            "epoch": 1, "metrics": {}, "history": {}, "best_val_acc": 0.0, "epochs": 1,
-        },
-        path,
-    )  # fmt: skip
+    """A checkpoint as train() writes it, built by the same function."""
+    data = {"classes": [f"class_{i}" for i in range(10)], "mean": mean, "std": std}
+    history = {key: [] for key in utils.HISTORY}
+    utils.atomic_save(utils.make_checkpoint(net, data, epochs=1, history=history, best_val_acc=0.0), path)
 
 
 def logits(net, images):

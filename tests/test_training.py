@@ -209,7 +209,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(loaders, t
 
     net = tiny_net()
     path = tmp_path / "m.pth"
-    with pytest.raises(FloatingPointError, match=r"Epoch 2: .*loss became nan at batch 3/"):
+    with pytest.raises(FloatingPointError, match=r"^Train Epoch 2/3: the loss became nan at batch 3/"):
         utils.train(net, loaders[0], loaders[1], 3, sgd(net), BreaksInEpochTwo(), None, path, verbose=False)
     assert utils.load_checkpoint(path)["epoch"] == 1
     best = utils.load_checkpoint(path)["model"]
@@ -324,10 +324,97 @@ def test_compile_falls_back_to_eager_where_unsupported(loaders, monkeypatch):
 def test_default_autocast_is_float16_on_cuda_and_off_on_the_cpu():
     # float16, not bfloat16: README "Mixed precision" has the measurements behind it.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert utils._autocast_dtype(cuda, None) == torch.float16
-    assert utils._autocast_dtype(cpu, None) is None
-    assert utils._autocast_dtype(cpu, True) == torch.float16
-    assert utils._autocast_dtype(cuda, False) is None
-    assert utils._autocast_dtype(cuda, "bfloat16") == torch.bfloat16
+    assert utils.autocast_dtype(cuda, None) == torch.float16
+    assert utils.autocast_dtype(cpu, None) is None
+    assert utils.autocast_dtype(cpu, True) == torch.float16
+    assert utils.autocast_dtype(cuda, False) is None
+    assert utils.autocast_dtype(cuda, "bfloat16") == torch.bfloat16
     assert isinstance(utils.grad_scaler(cpu, torch.float16), torch.amp.GradScaler)
     assert utils.grad_scaler(cuda, torch.bfloat16) is None
+
+
+def test_a_plain_dataloader_over_an_image_folder_gives_a_checkpoint_that_predicts(tmp_path):
+    # The tutorial's way: torchvision's ImageFolder with Normalize, in a torch DataLoader.
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    import predict
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / name / f"{i}.png"
+            )
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    folder = torchvision.datasets.ImageFolder(
+        tmp_path / "train", transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    )
+    loader = torch.utils.data.DataLoader(folder, batch_size=8, shuffle=True)
+    net = MobileNetV2(num_classes=2, alpha=0.25)
+    utils.train(net, loader, None, 1, sgd(net), nn.CrossEntropyLoss(), None, tmp_path / "m.pth", verbose=False)
+    restored, checkpoint = utils.load_model(tmp_path / "m.pth", device="cpu")
+    assert (checkpoint["classes"], checkpoint["mean"], checkpoint["std"]) == (["cat", "dog"], mean, std)
+    result = predict.predict(restored, str(tmp_path / "train" / "dog" / "0.png"), checkpoint, topk=2)
+    assert {top["class"] for top in result["top"]} == {"cat", "dog"}
+
+
+def test_a_loader_that_cannot_tell_its_classes_fails_before_training_with_what_to_pass(tmp_path):
+    dataset = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    net = MobileNetV2(num_classes=2, alpha=0.25)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"needs the data's classes, mean, std.*data=\{'classes'"):
+        utils.train(net, loader, None, 1, sgd(net), nn.CrossEntropyLoss(), None, tmp_path / "m.pth", verbose=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing was trained
+    data = {"classes": ["a", "b"], "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    utils.train(net, loader, None, 1, sgd(net), nn.CrossEntropyLoss(), None, tmp_path / "m.pth", verbose=False,
+                data=data)  # fmt: skip
+    checkpoint = utils.load_checkpoint(tmp_path / "m.pth")
+    assert {k: checkpoint[k] for k in data} == data
+
+
+def test_the_checkpoint_builder_is_what_train_writes(loaders, tmp_path):
+    net, optimizer, _, _ = run(loaders, epochs=1, save_path=tmp_path / "m.pth")
+    last = utils.load_checkpoint(tmp_path / "m_last.pth")
+    built = utils.make_checkpoint(net, utils.data_info(loaders[0]), 1, last["history"], last["best_val_acc"],
+                                  optimizer)  # fmt: skip
+    assert set(built) == set(last)
+    assert all(torch.equal(built["model"][k], v) for k, v in last["model"].items())
+    assert {k: built[k] for k in ("classes", "mean", "std", "epoch", "metrics")} == {
+        k: last[k] for k in ("classes", "mean", "std", "epoch", "metrics")
+    }
+
+
+def test_cudnn_benchmark_stays_off_when_deterministic_algorithms_are_on(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    try:
+        utils.set_seed(0, deterministic=True)
+        utils.pick_fast_kernels(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is False
+        torch.use_deterministic_algorithms(False)
+        utils.pick_fast_kernels(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        utils.pick_fast_kernels(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_failed_compile_warns_once_and_trains_eagerly(loaders, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def forward(*args, **kwargs):
+            raise RuntimeError("backend exploded")
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(
+        UserWarning, match="torch.compile failed, running without it from now on: backend exploded"
+    ) as caught:
+        _, _, _, (acc, _, _) = run(loaders, epochs=2, compile=True)
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
+    assert len(acc["train_acc"]) == 2
