@@ -397,22 +397,8 @@ class InMemoryLoader:
     own share of every shuffled epoch.
     """
 
-    def __init__(
-        self,
-        images,
-        labels,
-        batch_size,
-        mean,
-        std,
-        shuffle=False,
-        augment=False,
-        drop_last=False,
-        seed=0,
-        device="cpu",
-        rank=0,
-        world_size=1,
-        classes=None,
-    ):
+    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False, drop_last=False, seed=0,
+                 device="cpu", rank=0, world_size=1, classes=None):  # fmt: skip
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -568,7 +554,7 @@ RECIPES = {
         "warmup": 0.0,
         "augment": False,
     },
-    # This project's default. Each choice was measured against the tutorial's (README).
+    # This project's default. Each choice was measured against the tutorial's (benchmarks/README.md).
     "default": {
         "batch_size": 256,
         "lr": 0.2,
@@ -849,20 +835,8 @@ def grad_scaler(device, amp_dtype):
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
-def train_one_epoch(
-    model,
-    loader,
-    optimizer,
-    criterion,
-    device,
-    batch_scheduler=None,
-    scaler=None,
-    amp_dtype=None,
-    channels_last=False,
-    desc="Train",
-    progress=True,
-    refresh_every=20,
-):
+def train_one_epoch(model, loader, optimizer, criterion, device, batch_scheduler=None, scaler=None, amp_dtype=None,
+                    channels_last=False, desc="Train", progress=True, refresh_every=20):  # fmt: skip
     """One pass over ``loader``. Returns {"loss", "acc", "count"}, per sample (acc in %).
 
     Running sums stay on the device; they are read (a GPU sync) only every
@@ -972,27 +946,9 @@ def evaluate(
     }
 
 
-def fit(
-    net,
-    train_loader,
-    val_loader,
-    epochs,
-    optimizer,
-    criterion,
-    scheduler=None,
-    *,
-    save_path=None,
-    tbwriter=None,
-    verbose=True,
-    resume=False,
-    device=None,
-    amp=None,
-    channels_last=None,
-    scheduler_interval=None,
-    compile=False,
-    data=None,
-    hparams=None,
-):
+def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=None, *, save_path=None,
+        tbwriter=None, verbose=True, resume=False, device=None, amp=None, channels_last=None,
+        scheduler_interval=None, compile=False, data=None, hparams=None):  # fmt: skip
     """Train ``net`` for ``epochs`` epochs and return the history: a dict of per-epoch lists
     train_loss, train_acc, val_loss, val_acc (%), lr and seconds. train() documents the
     arguments; ``data`` is data_info's dict, read from ``train_loader`` when not given."""
@@ -1139,19 +1095,8 @@ def _add_graph(tbwriter, net, loader, device):
     net.train()
 
 
-def train(
-    net,
-    trainloader,
-    testloader,
-    epoch,
-    optimizer,
-    criterion,
-    scheduler=None,
-    save_path=None,
-    tbwriter=None,
-    verbose=True,
-    **options,
-):
+def train(net, trainloader, testloader, epoch, optimizer, criterion, scheduler=None, save_path=None, tbwriter=None,
+          verbose=True, **options):  # fmt: skip
     """The tutorial's training call: fit() with its arguments in its order, returning the
     per-epoch histories as the tutorial's (Acc, Loss, Lr).
 

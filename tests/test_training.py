@@ -322,7 +322,7 @@ def test_compile_falls_back_to_eager_where_unsupported(loaders, monkeypatch):
 
 
 def test_default_autocast_is_float16_on_cuda_and_off_on_the_cpu():
-    # float16, not bfloat16: README "Mixed precision" has the measurements behind it.
+    # float16, not bfloat16: benchmarks/README.md, "Mixed precision", has the measurements behind it.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert utils.autocast_dtype(cuda, None) == torch.float16
     assert utils.autocast_dtype(cpu, None) is None
