@@ -77,6 +77,48 @@ def test_preprocess_gives_the_training_inputs(trained):
     assert predict.preprocess(Image.new("RGB", (640, 480)), mean, std).shape == (1, 3, 32, 32)
 
 
+def odd_pictures(folder):
+    """One file of each kind that a plain convert("RGB") gets wrong, 40x24 or 24x40 pixels."""
+    folder.mkdir(parents=True)
+    rgba = Image.new("RGBA", (40, 24), (200, 30, 40, 0))  # transparent: its colour must not show
+    rgba.paste((0, 0, 255, 255), (0, 0, 20, 24))
+    rgba.save(folder / "rgba.png")
+    Image.new("LA", (40, 24), (90, 0)).save(folder / "la.png")
+    palette = Image.new("P", (40, 24), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    palette.paste(0, (0, 0, 20, 24))
+    palette.save(folder / "palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright, its left half is on top
+    sideways = Image.new("RGB", (40, 24), (255, 0, 0))
+    sideways.paste((0, 0, 255), (20, 0, 40, 24))
+    sideways.save(folder / "sideways.jpg", exif=exif, quality=95)
+    Image.fromarray(np.full((24, 40), 257 * 100, dtype=np.uint16)).save(folder / "deep.png")
+    Image.new("CMYK", (40, 24), (255, 0, 255, 0)).save(folder / "cmyk.jpg")
+    Image.new("L", (24, 40), 70).save(folder / "gray.JPG")
+    return utils.image_files(folder)
+
+
+def test_training_and_prediction_decode_every_kind_of_file_alike(tmp_path):
+    for split in ("train", "test"):
+        paths = odd_pictures(tmp_path / "set" / split / "odd")
+    images, _, _ = utils.load_split(tmp_path / "set", "test", root=tmp_path)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    for path, trained_on in zip(paths, utils.normalize(images, mean, std), strict=True):
+        predicted_on = predict.preprocess(predict.load_image(path), mean, std)[0]
+        assert torch.equal(trained_on, predicted_on), path.name
+
+    pixels = {path.stem: image.permute(1, 2, 0) for path, image in zip(paths, images, strict=True)}
+    assert pixels["rgba"][16, 2].tolist() == [0, 0, 255] and pixels["rgba"][16, 30].tolist() == [255] * 3
+    assert pixels["palette"][16, 2].tolist() == [255] * 3 and pixels["palette"][16, 30].tolist() == [200, 30, 40]
+    assert pixels["la"][0, 0].tolist() == [255] * 3
+    assert pixels["sideways"][2, 16, 0] > 240 and pixels["sideways"][30, 16, 2] > 240  # red on top
+    assert pixels["deep"][0, 0].tolist() == [100] * 3  # not clipped to white
+    assert pixels["gray"][0, 0].tolist() == [70] * 3
+    r, g, b = pixels["cmyk"][16, 16].tolist()
+    assert g > 200 and r < 50 and b < 50
+
+
 def test_predict_files_agree_with_the_network(trained, tmp_path):
     _, net, checkpoint, images = trained
     paths = save_pictures(images, tmp_path / "pictures")
@@ -128,18 +170,21 @@ def test_predict_folder_and_command_line(trained, tmp_path, capsys):
     path, net, checkpoint, images = trained
     folder = tmp_path / "photos"
     save_pictures(images[:3], folder)
+    save_pictures(images[3:4], folder / "more")[0].rename(folder / "more" / "03.PNG")
     (folder / "notes.txt").write_text("not an image, and not an image suffix either")
+    (folder / "._00.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # what macOS leaves on some drives
     (folder / "zz_broken.jpg").write_bytes(b"")
     results = predict.predict_folder(net, folder, checkpoint, topk=2)
-    assert [r["input"] for r in results] == [str(folder / n) for n in ("00.png", "01.png", "02.png", "zz_broken.jpg")]
-    assert "empty file" in results[3]["error"]
+    expected = ("00.png", "01.png", "02.png", "more/03.PNG", "zz_broken.jpg")
+    assert [r["input"] for r in results] == [str(folder / n) for n in expected]
+    assert "empty file" in results[4]["error"]
 
     assert predict.main([str(path), str(folder), str(folder / "00.png"), "--topk", "2"]) == 1  # one broken file
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["input", "top-1", "prob", "others"]
-    assert len(lines) == 1 + 5
+    assert len(lines) == 1 + 6
     assert lines[1].startswith(str(folder / "00.png")) and lines[1].split()[1] in checkpoint["classes"]
-    assert "error:" in lines[4]
+    assert "error:" in lines[5]
     with pytest.raises(SystemExit, match="No checkpoint file"):
         predict.main([str(tmp_path / "nothing.pth"), str(folder)])
 
@@ -251,7 +296,7 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
         predict.load_image(tmp_path / "bomb.png")
 
     Image.new("RGB", (100, 100)).save(tmp_path / "ordinary.png")
-    monkeypatch.setattr(predict, "MAX_PIXELS", 5_000)
+    monkeypatch.setattr(utils, "MAX_PIXELS", 5_000)
     with pytest.raises(predict.ImageError, match=r"100x100 pixels, over the limit of 5,000"):
         predict.load_image(tmp_path / "ordinary.png")
 
