@@ -483,7 +483,7 @@ def stratified_split(labels, val_size, seed=0, classes=None):
         raise ValueError(f"val_size={val_size} must be at least 0 and below the {n} training images.")
     counts = torch.bincount(labels, minlength=len(classes) if classes is not None else 0)
     take = torch.zeros_like(counts)
-    if count > 0:
+    if val_size > 0:
         names = list(classes) if classes is not None else [str(c) for c in range(len(counts))]
         too_few = [f"{names[c]!r} ({k})" for c, k in enumerate(counts.tolist()) if k < 2]
         if too_few:

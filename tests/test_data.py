@@ -236,6 +236,8 @@ def test_every_class_gives_at_least_one_validation_image():
     # 10 % of 205 is 20: one from each small class (their shares round to 0), the rest from the large one.
     assert torch.bincount(labels[val_idx]).tolist() == [18, 1, 1]
     assert torch.bincount(labels[train_idx]).tolist() == [182, 2, 1]
+    tiny = torch.tensor([0, 0, 1, 1])
+    assert torch.bincount(tiny[utils.stratified_split(tiny, 0.1)[1]]).tolist() == [1, 1]  # 10 % of 4 rounds to 0
 
 
 def test_a_class_too_small_to_split_is_named():
