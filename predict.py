@@ -30,7 +30,7 @@ import urllib3
 from PIL import Image
 
 import utils
-from utils import ImageError, image_files  # read from here too: predict.ImageError, predict.image_files
+from utils import ImageError, image_files  # used here, and by callers as predict.ImageError, predict.image_files
 
 
 def describe(source):
