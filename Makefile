@@ -33,7 +33,10 @@ test: lint
 # Any other notebook parameter given on the command line is passed on too, e.g.
 #   make run RECIPE=tutorial SMALL_INPUT=False RUN_NAME=tutorial   (the blog's recipe)
 #   make run DATA=data/cifar10-jpeg EPOCHS=2 RUN_NAME=quick
+# The data is checked first: without a network, or with a misnamed folder, one line says
+# what is wrong and what to do, before any notebook starts.
 run: setup
+	@$(BIN)/python -c 'import sys, utils; sys.exit(utils.data_source_problem(sys.argv[1]))' "$(DATA)"
 	mkdir -p runs
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \

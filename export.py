@@ -24,8 +24,6 @@ from torch import nn
 
 import utils
 
-IMAGE_SIZE = 32
-
 
 @torch.no_grad()
 def fold_batchnorm(net):
@@ -66,7 +64,7 @@ def _cpu_copy_and_example(net):
     """A CPU copy in eval mode, an example batch and its dynamic batch dimension."""
     net = copy.deepcopy(net).cpu().eval()
     # Two images, not one: an example of size 1 would fix the batch size at 1.
-    example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    example = torch.zeros(2, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE)
     return net, example, ({0: torch.export.Dim("batch")},)
 
 

@@ -11,33 +11,26 @@ From Python:
     # {"input": "cat.jpg", "top": [{"class": "cat", "index": 3, "prob": 0.91}, ...]}
 
 An input is a file path, a URL, a PIL image or a NumPy array. Every kind of image becomes
-RGB the same way: EXIF orientation applied, first frame of an animation, 16-bit scaled to
-8-bit, and transparent pixels laid over a white background. The network then sees what it
-was trained on: the image resized to 32x32 and normalised with the checkpoint's mean and std.
+RGB as the images of a training folder do (utils.decode_image and utils.to_rgb): EXIF
+orientation applied, first frame of an animation, 16-bit scaled to 8-bit, and transparent
+pixels laid over a white background. The network then sees what it was trained on: the image
+resized to 32x32 (utils.image_pixels) and normalised with the checkpoint's mean and std.
 """
 
 import argparse
 import io
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import requests
 import torch
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 import utils
-
-# Larger images are refused: a small file can claim dimensions that take gigabytes to decode
-# (a "decompression bomb"). 100 megapixels admits the photos of any current camera.
-MAX_PIXELS = 100_000_000
-
-
-class ImageError(ValueError):
-    """An input that cannot be read as an image; the message names the input."""
+from utils import ImageError, image_files  # used here, and by callers as predict.ImageError, predict.image_files
 
 
 def describe(source):
@@ -60,25 +53,23 @@ def load_image(source, timeout=10.0, max_bytes=20_000_000):
                (H x W grayscale, or H x W x C with C = 1, 3 or 4; uint8, or floats in [0, 1]).
     timeout:   for a URL, about the most seconds the whole download may take.
     max_bytes: for a URL, the largest body accepted; a larger one is stopped mid-download.
-    The image is turned upright by its EXIF orientation; an animation gives its first frame;
-    16-bit values are scaled to 8 bits; transparent pixels are composited over white. Files
-    of more than MAX_PIXELS pixels are refused before they are decoded.
+    Every kind becomes RGB as training images do (utils.decode_image, utils.to_rgb): turned
+    upright by its EXIF orientation, the first frame of an animation, 16-bit values scaled to
+    8 bits, transparent pixels over white. Files of more than utils.MAX_PIXELS pixels are
+    refused before they are decoded.
     Raises FileNotFoundError for a missing file and ImageError (a ValueError) for anything
     that is not a readable image; both name the input.
     """
     name = describe(source)
     if isinstance(source, Image.Image):
-        return _to_rgb(source, name)
+        return utils.to_rgb(source, name)
     if isinstance(source, np.ndarray):
-        return _to_rgb(_array_to_image(source, name), name)
+        return utils.to_rgb(_array_to_image(source, name), name)
     if is_url(source):
-        return _decode(io.BytesIO(_download(source, timeout, max_bytes)), name)
-    path = Path(source)
-    if not path.is_file():
+        return utils.decode_image(io.BytesIO(_download(source, timeout, max_bytes)), name)
+    if not Path(source).is_file():
         raise FileNotFoundError(f"No image file at {name}.")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{name} is an empty file, not an image.")
-    return _decode(path, name)
+    return utils.decode_image(source, name)
 
 
 def _download(url, timeout, max_bytes):
@@ -114,31 +105,6 @@ def _download(url, timeout, max_bytes):
         raise ImageError(f"Could not download {url}: {error}") from error
 
 
-def _decode(file, name):
-    """Decode a path or a file object, checking its size before the pixels are read."""
-    try:
-        # Pillow warns from 89 megapixels and refuses from 179; MAX_PIXELS is checked instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(file)
-        with image:
-            if image.width * image.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
-            image.load()
-            return _to_rgb(image, name)
-    except Image.DecompressionBombError as error:
-        raise ImageError(
-            f"{name} is refused as a possible decompression bomb: {error}, over the limit of "
-            f"{MAX_PIXELS:,} (predict.MAX_PIXELS; raise it for a file you trust)."
-        ) from error
-    except ImageError:
-        raise
-    except UnidentifiedImageError as error:
-        raise ImageError(f"{name} is not an image, or not in a format Pillow reads.") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name} is not a readable image (truncated or damaged): {error}") from error
-
-
 def _array_to_image(array, name):
     if array.size == 0:
         raise ImageError(f"{name} is empty.")
@@ -158,32 +124,13 @@ def _array_to_image(array, name):
     return Image.fromarray(array.astype(np.uint8))
 
 
-def _to_rgb(image, name):
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"{name} has no pixels ({image.width}x{image.height}).")
-    image = ImageOps.exif_transpose(image)  # a copy, upright as the camera was held
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
-        # "I" is how Pillow reads other 16-bit files, so it is scaled the same way.
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        # Transparent pixels have no colour of their own: show them as on a white page.
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def preprocess(images, mean, std, size=32):
-    """RGB PIL images (one or a list) to a normalised float tensor (N, 3, size, size).
-
-    Each image is resized to size x size, aspect ratio not kept, with Pillow's antialiased
-    bilinear filter: what utils does to the images of a data folder before training.
-    """
+def preprocess(images, mean, std, size=utils.IMAGE_SIZE):
+    """PIL images (one or a list, as load_image returns them) to a normalised float tensor
+    (N, 3, size, size): resized by utils.image_pixels, as the images of a data folder are
+    before training, then normalised with ``mean`` and ``std``."""
     if isinstance(images, Image.Image):
         images = [images]
-    pixels = np.stack(
-        [np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)) for image in images]
-    )
+    pixels = np.stack([utils.image_pixels(image, size) for image in images])
     return utils.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), mean, std)
 
 
@@ -240,18 +187,9 @@ def plot_prediction(image, result):
     return fig
 
 
-def image_files(folder):
-    """The image files directly in ``folder`` (by suffix, hidden files left out), sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No folder at {folder}.")
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in utils.IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
-
-
 def predict_folder(net, folder, checkpoint, topk=3, batch_size=256, device=None):
-    """predict() on every image file of a folder, in sorted order; a list of entries."""
+    """predict() on every image file of a folder and its sub-folders (utils.image_files: hidden
+    files left out), in sorted order; a list of entries."""
     return predict(net, [str(p) for p in image_files(folder)], checkpoint, topk, batch_size, device)
 
 

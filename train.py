@@ -41,7 +41,7 @@ def parse_args(argv=None):
                    help="the CIFAR option: stride 1 stem, 4x4 final map (default); --no-small-input is the paper's")  # fmt: skip
     p.add_argument("--alpha", type=float, default=1.0, help="width multiplier")
     p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--val-size", type=float, default=5000)
+    p.add_argument("--val-size", type=float, default=0.1, help="validation images: a fraction, or a count")
     p.add_argument("--run-name", default="mobilenetv2", help="names model/<run>.pth and logs/<run>/")
     p.add_argument("--model-dir", type=Path, default=utils.MODEL_DIR)
     p.add_argument("--log-dir", type=Path, default=utils.LOG_DIR)

@@ -11,21 +11,25 @@ checkpoint and drives ReduceLROnPlateau. The test set is left for the testing no
 """
 
 import hashlib
+import inspect
 import math
 import os
 import pickle
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.optim import lr_scheduler
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
 
 from model import MobileNetV2
 
@@ -35,7 +39,13 @@ MODEL_DIR = ROOT / "model"
 LOG_DIR = ROOT / "logs"
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Every image reaches the network at this size, CIFAR-10's own: the pictures of a data folder
+# and those to classify are resized to it.
+IMAGE_SIZE = 32
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# Larger images are refused: a small file can claim dimensions that take gigabytes to decode
+# (a "decompression bomb"). 100 megapixels admits the photos of any current camera.
+MAX_PIXELS = 100_000_000
 CHECKPOINT_FORMAT = "mobilenetv2-cifar10-checkpoint/1"
 # What train() records per epoch; the first four are the metrics a checkpoint and TensorBoard show.
 HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -188,10 +198,147 @@ def _all_reduce_sum(tensor):
 
 
 # ----------------------------------------------------------------------------------------
-# Data: decoding once, splitting, normalising, augmenting whole batches
+# Progress bars: widgets in a notebook front end, plain text in terminals and logs
+
+# Where the text of a bar is kept instead of redrawn (papermill's --log-output, CI logs,
+# files), each update is one more line, so it updates this often.
+TEXT_PROGRESS_INTERVAL = 15  # seconds
 
 
-def load_split(source, split, root=DATA_DIR, image_size=32):
+def progress_bar(iterable, desc=None, total=None, disable=False, leave=True):
+    """A tqdm bar over ``iterable`` (``set_postfix`` works): a widget in a notebook that a
+    front end shows (JupyterLab, Jupyter Notebook, VS Code), plain text everywhere else.
+
+    Plain text is what papermill (``make run``), a terminal and a log can show. In a terminal
+    it redraws itself as usual; elsewhere it writes one update, with the rate and the time
+    left, every TEXT_PROGRESS_INTERVAL seconds.
+    """
+    if _notebook_front_end():
+        from tqdm.notebook import tqdm as widget_bar
+
+        return widget_bar(iterable, desc=desc, total=total, disable=disable, leave=leave)
+    options = {"desc": desc, "total": total, "disable": disable, "leave": leave, "file": sys.stderr}
+    if not sys.stderr.isatty():
+        # maxinterval too: tqdm's monitor thread would otherwise redraw a slow bar every 10 s.
+        options.update(mininterval=TEXT_PROGRESS_INTERVAL, maxinterval=TEXT_PROGRESS_INTERVAL)
+    return _TextBar(iterable, **options)
+
+
+class _TextBar(std_tqdm):
+    """tqdm's text bar, with a postfix that waits for the next update instead of writing one
+    at once: where each update is a line of a log, a loop that sets one often adds many."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+
+def _notebook_front_end():
+    """Whether this runs in a Jupyter kernel whose notebook is open in a front end.
+
+    papermill and nbclient run kernels without one: widgets then reach no screen, and the
+    terminal of ``make run`` shows a bar's first frame only. jupyter_server, behind JupyterLab
+    and Jupyter Notebook, starts its kernels with JPY_SESSION_NAME set, and VS Code defines
+    ``__vsc_ipynb_file__`` in the notebook's namespace; papermill and nbclient do neither.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or "IPKernelApp" not in shell.config:
+        return False  # plain Python, or IPython in a terminal
+    return "JPY_SESSION_NAME" in os.environ or "__vsc_ipynb_file__" in shell.user_ns
+
+
+# ----------------------------------------------------------------------------------------
+# Data: reading images, decoding a folder once, splitting, normalising, augmenting batches
+
+
+class ImageError(ValueError):
+    """An input that cannot be read as an image; the message names the input."""
+
+
+def image_files(folder):
+    """Every image file in ``folder`` and its sub-folders (by suffix, in any case), sorted.
+
+    Hidden files and folders, whose names start with a dot, are left out: among them the
+    "._name.jpg" copies that macOS leaves next to each picture on some drives.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No folder at {folder}.")
+    files = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # not walked into
+        files += [
+            Path(parent, name)
+            for name in names
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return sorted(files)
+
+
+def decode_image(file, name=None):
+    """Read an image file, a path or a binary file object, as an RGB PIL image (to_rgb).
+
+    This is how both training (an image folder) and prediction read a picture. Images of
+    more than MAX_PIXELS pixels are refused before their pixels are decoded. Raises
+    ImageError, naming the file (or ``name``), for anything that is not a readable image.
+    """
+    name = str(file) if name is None else name
+    if isinstance(file, (str, os.PathLike)) and os.path.getsize(file) == 0:
+        raise ImageError(f"{name} is an empty file, not an image.")
+    try:
+        # Pillow warns from 89 megapixels and refuses from 179; MAX_PIXELS is checked instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+            image.load()
+            return to_rgb(image, name)
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            f"{name} is refused as a possible decompression bomb: {error}, over the limit of "
+            f"{MAX_PIXELS:,} (utils.MAX_PIXELS; raise it for a file you trust)."
+        ) from error
+    except ImageError:
+        raise
+    except UnidentifiedImageError as error:
+        raise ImageError(f"{name} is not an image, or not in a format Pillow reads.") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name} is not a readable image (truncated or damaged): {error}") from error
+
+
+def to_rgb(image, name="image"):
+    """A PIL image of any mode as RGB, the same way for every picture: turned upright by its
+    EXIF orientation, the first frame of an animation, 16-bit values scaled to 8 bits, and
+    transparent pixels laid over a white background."""
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name} has no pixels ({image.width}x{image.height}).")
+    image = ImageOps.exif_transpose(image)  # a copy, upright as the camera was held
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
+        # "I" is how Pillow reads other 16-bit files, so it is scaled the same way.
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent pixels have no colour of their own: show them as on a white page.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def image_pixels(image, size=IMAGE_SIZE):
+    """A PIL image as the uint8 array (size, size, 3) that the network is given: resized with
+    Pillow's antialiased bilinear filter, aspect ratio not kept. An image that is not RGB
+    yet is converted with to_rgb first."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def load_split(source, split, root=DATA_DIR, skip_unreadable=False):
     """One split of a data set, decoded into memory.
 
     source: "cifar10" (torchvision's copy, downloaded into ``root`` on first use),
@@ -199,6 +346,8 @@ def load_split(source, split, root=DATA_DIR, image_size=32):
             folder holding ``train/`` and ``test/``, each with one sub-folder per class (a
             relative path not found from the current folder is read from the project root).
     split:  "train" or "test".
+    skip_unreadable: for a folder, leave out the images that cannot be decoded, with a
+            warning that counts them, instead of stopping with an error that names them.
     Returns (images, labels, classes): images a uint8 tensor (N, 3, H, W), labels int64 (N,).
     """
     if split not in ("train", "test"):
@@ -210,7 +359,22 @@ def load_split(source, split, root=DATA_DIR, image_size=32):
     folder = Path(source)
     if not folder.is_absolute() and not folder.exists():
         folder = ROOT / folder  # notebooks run in notebooks/; data/... means the project's data/
-    return _load_image_folder(folder, split, Path(root) / "cache", image_size)
+    return _load_image_folder(folder, split, Path(root) / "cache", skip_unreadable)
+
+
+def data_source_problem(source, root=DATA_DIR):
+    """None when both splits of ``source`` load, else what stops them, as a message.
+
+    ``make run`` asks this before the notebooks start, so that a missing network or a wrongly
+    laid out folder is the first thing it reports rather than the end of a traceback. A
+    folder's decoded images are cached on the way, so the notebooks do not decode them again.
+    """
+    try:
+        for split in ("train", "test"):
+            load_split(source, split, root)
+    except (OSError, RuntimeError, ValueError) as error:
+        return f"error: {error}"
+    return None
 
 
 def _load_cifar10(split, root):
@@ -220,25 +384,25 @@ def _load_cifar10(split, root):
         dataset = torchvision.datasets.CIFAR10(root=root, train=split == "train", download=True)
     except Exception as error:  # no network, proxy, partial download...
         raise RuntimeError(
-            f"Could not download CIFAR-10 into {root}: {error}. Without a network, point the "
-            "data source at an offline copy laid out as <folder>/train/<class>/*.png and "
-            "<folder>/test/<class>/*.png, e.g. get_loaders('data/cifar10-jpeg')."
+            f"Could not download CIFAR-10 into {root} ({error}). Without a network, use a copy laid "
+            'out as image folders (README.md, "Data folders"): make run DATA=data/cifar10-jpeg, '
+            'or DATA = "data/cifar10-jpeg" in the notebooks.'
         ) from error
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes)
 
 
-def make_synthetic(split, num_classes=10, train_size=1000, test_size=200, image_size=32, seed=0):
+def make_synthetic(split, num_classes=10, train_size=1000, test_size=200, seed=0):
     """A small learnable data set: each class is a coloured pattern, each image a noisy,
     shifted copy of its class's pattern, learnable in a few epochs."""
     g = torch.Generator().manual_seed(seed)
     patterns = torch.rand(num_classes, 3, 4, 4, generator=g) * 255
-    patterns = F.interpolate(patterns, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    patterns = F.interpolate(patterns, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     count = train_size if split == "train" else test_size
     g.manual_seed(seed + (1 if split == "train" else 2))
     labels = torch.arange(count) % num_classes
     labels = labels[torch.randperm(count, generator=g)]
-    noise = torch.randn(count, 3, image_size, image_size, generator=g) * 25
+    noise = torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 25
     shifts = torch.randint(-3, 4, (count, 2), generator=g)
     images = patterns[labels] + noise
     images = torch.stack([img.roll(tuple(s.tolist()), dims=(1, 2)) for img, s in zip(images, shifts, strict=True)])
@@ -276,72 +440,135 @@ def _check_image_folder(folder):
         files[split] = []
         for label, name in enumerate(classes):
             class_dir = folder / split / name
-            paths = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths = image_files(class_dir)
             if not paths:
                 raise ValueError(f"Class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
             files[split] += [(p, label) for p in paths]
     return classes, files
 
 
-def _load_image_folder(folder, split, cache_dir, image_size):
-    """Decode every image of a split once; later runs read the decoded tensors from a cache
-    file, whose name changes whenever a file in the folder changes."""
-    from PIL import Image
+def _decoding_fingerprint():
+    """What decoded pixels depend on besides the files: the code of the decoding functions,
+    Pillow's version and the image size. Part of the cache's key, so that a change to any
+    of them decodes the folder again."""
+    code = "".join(inspect.getsource(function) for function in (decode_image, to_rgb, image_pixels))
+    return f"{IMAGE_SIZE}:{PIL.__version__}:{code}"
 
+
+def _load_image_folder(folder, split, cache_dir, skip_unreadable=False):
+    """Decode every image of a split once, as prediction decodes a picture; later runs read
+    the decoded tensors from a cache file, whose name changes whenever a file in the folder
+    or the decoding changes."""
     classes, files = _check_image_folder(folder)
-    fingerprint = hashlib.sha1(f"{image_size}".encode())
+    fingerprint = hashlib.sha1(_decoding_fingerprint().encode())
     for path, label in files[split]:
         stat = path.stat()
         fingerprint.update(f"{path.relative_to(folder)}:{label}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache_file = cache_dir / f"{folder.name}-{split}-{fingerprint.hexdigest()[:12]}.pt"
     if cache_file.is_file():
-        cached = torch.load(cache_file, weights_only=True)
-        return cached["images"], cached["labels"], cached["classes"]
+        decoded = torch.load(cache_file, weights_only=True)
+    else:
+        decoded = _decode_files(files[split], f"{folder.name}/{split}")
+        decoded["classes"] = classes
+        atomic_save(decoded, cache_file)
+
+    unreadable = decoded["unreadable"]
+    if unreadable:
+        total = len(files[split])
+        listed = "\n".join(f"  {message}" for message in unreadable[:5])
+        more = f"\n  ... and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        summary = (
+            f"{len(unreadable)} of the {total} images in {folder / split} cannot be read "
+            f"(the other {total - len(unreadable)} are fine):\n{listed}{more}"
+        )
+        if not skip_unreadable:
+            raise ImageError(f"{summary}\nFix or remove them, or load with skip_unreadable=True to leave them out.")
+        if len(unreadable) == total:
+            raise ImageError(summary)
+        warnings.warn(f"{summary}\nThey are left out.", stacklevel=3)
+    return decoded["images"], decoded["labels"], decoded["classes"]
+
+
+def _decode_files(files, desc):
+    """{"images", "labels"} of the readable files of [(path, label), ...], and "unreadable":
+    the error message of each of the others."""
 
     def decode(path):
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (image_size, image_size):
-                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                return np.asarray(img)
-        except Exception as error:
-            raise ValueError(f"Cannot read image {path}: {error}") from error
+            return image_pixels(decode_image(path))
+        except ImageError as error:
+            return error  # kept, so that one bad file does not hide how many others there are
 
-    paths = [path for path, _ in files[split]]
+    paths = [path for path, _ in files]
     # PIL releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         decoded = pool.map(decode, paths, chunksize=256)
-        images = np.stack(list(tqdm(decoded, total=len(paths), desc=f"Decoding {folder.name}/{split}", leave=False)))
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([label for _, label in files[split]], dtype=torch.int64)
-    atomic_save({"images": images, "labels": labels, "classes": classes}, cache_file)
-    return images, labels, classes
+        results = list(progress_bar(decoded, desc=f"Decoding {desc}", total=len(paths)))
+    readable = [i for i, result in enumerate(results) if not isinstance(result, ImageError)]
+    images = np.array([results[i] for i in readable], dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    return {
+        "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        "labels": torch.tensor([files[i][1] for i in readable], dtype=torch.int64),
+        "unreadable": [str(result) for result in results if isinstance(result, ImageError)],
+    }
 
 
-def stratified_split(labels, val_size, seed=0):
-    """Indices (train, val) with ``val_size`` samples (or that fraction) held out, each class
-    represented in proportion to its size. The same seed gives the same split."""
+def stratified_split(labels, val_size, seed=0, classes=None):
+    """Indices (train, val) with ``val_size`` training images held out for validation: a
+    fraction (0.1 = 10 %) or a count. Each class gives its share, rounded, but at least one
+    image, and keeps at least one to train on; the same seed gives the same split.
+
+    classes: the class names, to name a class that has too few images (fewer than two).
+    """
     n = len(labels)
-    if 0 < val_size < 1:
-        val_size = round(val_size * n)
-    val_size = int(val_size)
-    if not 0 <= val_size < n:
+    fraction = 0 < val_size < 1
+    count = round(val_size * n) if fraction else int(val_size)
+    if not 0 <= count < n:
         raise ValueError(f"val_size={val_size} must be at least 0 and below the {n} training images.")
+    counts = torch.bincount(labels, minlength=len(classes) if classes is not None else 0)
+    take = torch.zeros_like(counts)
+    if val_size > 0:
+        names = list(classes) if classes is not None else [str(c) for c in range(len(counts))]
+        too_few = [f"{names[c]!r} ({k})" for c, k in enumerate(counts.tolist()) if k < 2]
+        if too_few:
+            raise ValueError(
+                f"Classes with fewer than 2 training images cannot give one to validation and keep one "
+                f"for training: {', '.join(too_few)}. Add images to them, or set val_size=0 (no validation)."
+            )
+        num_classes = len(counts)
+        if fraction:
+            count = max(count, num_classes)
+        if not num_classes <= count <= n - num_classes:
+            raise ValueError(
+                f"val_size={val_size} must leave each of the {num_classes} classes at least one validation "
+                f"image and one training image: between {num_classes} and {n - num_classes} images."
+            )
+        take = _validation_counts(counts, count)
     g = torch.Generator().manual_seed(seed)
-    classes, counts = torch.unique(labels, return_counts=True)
-    quota = counts.double() * val_size / n
-    take = quota.floor().long()
-    # Hand the rounding remainder to the classes with the largest fractional parts.
-    remainder = val_size - int(take.sum())
-    take[torch.argsort(quota - take, descending=True)[:remainder]] += 1
     train_idx, val_idx = [], []
-    for c, k in zip(classes, take, strict=True):
+    for c, k in enumerate(take.tolist()):
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         val_idx.append(idx[:k])
         train_idx.append(idx[k:])
     return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def _validation_counts(counts, total):
+    """How many images each class gives to a validation set of ``total``: in proportion to
+    its size, between 1 and its size - 1."""
+    quota = counts.double() * total / counts.sum()
+    take = quota.floor().long().clamp(min=torch.ones_like(counts), max=counts - 1)
+    # Hand out (or take back) the rounding difference one image at a time, to the class whose
+    # share is furthest from its quota.
+    while (missing := total - int(take.sum())) != 0:
+        if missing > 0:
+            c = torch.where(take < counts - 1, quota - take, -math.inf).argmax()
+            take[c] += 1
+        else:
+            c = torch.where(take > 1, take - quota, -math.inf).argmax()
+            take[c] -= 1
+    return take
 
 
 def channel_stats(images, chunk=4096):
@@ -469,30 +696,37 @@ def get_loaders(
     source="cifar10",
     root=DATA_DIR,
     batch_size=128,
-    val_size=5000,
+    val_size=0.1,
     augment=True,
     fast=True,
     device=None,
     seed=0,
     eval_batch_size=512,
     num_workers=2,
-    image_size=32,
+    skip_unreadable=False,
 ):
     """Train, validation and test loaders and the class names.
 
     source:     "cifar10", "synthetic", or an image folder with train/ and test/ (load_split).
-    val_size:   training images held out for validation (stratified, seeded); a fraction
-                works too. 0 gives no validation loader (None).
+    val_size:   training images held out for validation (stratified, seeded): a fraction
+                (0.1, 5,000 images of CIFAR-10) or a count; at least one of each class.
+                0 gives no validation loader (None).
     augment:    random crop (padding 4) and horizontal flip for the training loader.
     batch_size: training batch; under torchrun, the global batch summed over processes.
     fast:       True gives InMemoryLoader (data on the device, batch ops); False gives
                 torch.utils.data.DataLoader with per-image transforms.
+    skip_unreadable: leave out the images of a folder that cannot be decoded (load_split).
     Checkpoints record the classes, mean and std (data_info reads them from these loaders),
     so that a saved model predicts with the same preprocessing it was trained with.
     """
-    train_images, train_labels, classes = load_split(source, "train", root, image_size)
-    test_images, test_labels, _ = load_split(source, "test", root, image_size)
-    train_idx, val_idx = stratified_split(train_labels, val_size, seed)
+    train_images, train_labels, classes = load_split(source, "train", root, skip_unreadable)
+    test_images, test_labels, _ = load_split(source, "test", root, skip_unreadable)
+    train_idx, val_idx = stratified_split(train_labels, val_size, seed, classes)
+    if len(train_idx) < batch_size:  # the last incomplete batch is dropped: nothing would be left
+        raise ValueError(
+            f"The training split has {len(train_idx)} images, fewer than one batch of {batch_size}: "
+            "choose a smaller batch size."
+        )
     mean, std = channel_stats(train_images[train_idx])
     rank, world_size, _ = distributed_env()
     if batch_size % world_size:
@@ -848,7 +1082,7 @@ def train_one_epoch(model, loader, optimizer, criterion, device, batch_scheduler
     correct = torch.zeros((), device=device, dtype=torch.int64)
     first_bad_batch = torch.full((), -1, device=device, dtype=torch.int64)
     count = 0
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=True)
+    bar = progress_bar(loader, desc=desc, disable=not progress)
     for i, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -907,7 +1141,7 @@ def evaluate(
     net.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     all_labels, all_probs = [], []
-    for images, labels in tqdm(loader, desc=desc or "Eval", disable=not progress, leave=True):
+    for images, labels in progress_bar(loader, desc=desc or "Eval", disable=not progress):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -1,5 +1,8 @@
-"""Data: image folders, errors, the validation split, normalisation, the two loaders."""
+"""Data: image folders as users have them, errors, the validation split, normalisation, the
+two loaders, and the progress bars."""
 
+import io
+import re
 import urllib.error
 
 import numpy as np
@@ -79,11 +82,97 @@ def test_empty_class_is_named(tmp_path):
         utils.load_split(folder, "train", root=tmp_path)
 
 
-def test_unreadable_image_is_named(tmp_path):
+def save(image, path, **options):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+
+
+def write_user_folder(root, train_counts=(60, 25, 5), test_count=3):
+    """A folder as people bring it: classes of very different sizes, sub-folders, suffixes in
+    any case, JPEG and PNG, grayscale and non-square pictures, and the files that macOS and
+    Windows leave behind."""
+    rng = np.random.default_rng(0)
+    suffixes = [".jpg", ".JPG", ".png", ".Png", ".jpeg"]
+    for split, counts in (("train", train_counts), ("test", (test_count,) * len(train_counts))):
+        for c, count in enumerate(counts):
+            class_dir = root / split / f"kind{c}"
+            for i in range(count):
+                width, height = (48, 32) if i % 3 else (32, 40)
+                if i % 4 == 1:
+                    image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))  # grayscale
+                else:
+                    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+                nested = f"batch{i % 2}/" if i % 3 == 2 else ""
+                save(image, class_dir / f"{nested}{i:03d}{suffixes[i % len(suffixes)]}")
+            (class_dir / "._000.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # macOS AppleDouble
+            (class_dir / ".DS_Store").write_bytes(bytes(40))
+            (class_dir / "Thumbs.db").write_bytes(bytes(40))
+            (class_dir / "notes.txt").write_text("where these were taken")
+            save(Image.new("RGB", (8, 8)), class_dir / ".thumbnails" / "000.png")  # a hidden folder
+    return root
+
+
+def test_image_files_leave_out_hidden_and_other_files_and_go_into_sub_folders(tmp_path):
+    folder = write_user_folder(tmp_path / "photos", train_counts=(12,))
+    names = [str(p.relative_to(folder / "train" / "kind0")) for p in utils.image_files(folder / "train" / "kind0")]
+    assert len(names) == 12
+    assert {"001.JPG", "003.Png", "004.jpeg", "batch0/002.png", "batch1/005.jpg"} <= set(names)
+    assert not [n for n in names if n.startswith(".") or "/." in n or not n.lower().endswith((".jpg", ".jpeg", ".png"))]
+    assert names == sorted(names)
+    with pytest.raises(FileNotFoundError, match="No folder at"):
+        utils.image_files(tmp_path / "nowhere")
+
+
+def test_user_folder_loads_with_the_default_split(tmp_path):
+    folder = write_user_folder(tmp_path / "photos")
+    train, val, test, classes = utils.get_loaders(folder, root=tmp_path, batch_size=16, device="cpu")
+    assert classes == ["kind0", "kind1", "kind2"]
+    # 10 % of 90 is 9: 6 and 2.5 and 0.5 by size, each class at least one.
+    assert torch.bincount(val.labels).tolist() == [6, 2, 1]
+    assert torch.bincount(train.labels).tolist() == [54, 23, 4]
+    assert len(test.labels) == 9
+    assert train.images.shape[1:] == (3, 32, 32)
+    gray = np.asarray(Image.open(folder / "train" / "kind0" / "001.JPG"))
+    assert gray.ndim == 2  # saved as grayscale, read as RGB with three equal channels
+    images, _, _ = utils.load_split(folder, "train", root=tmp_path)
+    assert torch.equal(images[1][0], images[1][1]) and torch.equal(images[1][1], images[1][2])
+
+
+def test_unreadable_images_are_named_and_counted_or_skipped(tmp_path):
+    folder = write_folder(tmp_path / "set", per_class=6)
+    (folder / "train" / "dog" / "2_broken.jpg").write_bytes(b"not a picture")
+    (folder / "train" / "cat" / "sub").mkdir()
+    data = (folder / "train" / "cat" / "0.png").read_bytes()
+    (folder / "train" / "cat" / "sub" / "cut.png").write_bytes(data[: len(data) // 2])
+    (folder / "train" / "cat" / "empty.png").write_bytes(b"")
+    message = r"3 of the 15 images in .*train cannot be read \(the other 12 are fine\)"
+    for attempt in ("decoded", "cached"):
+        with pytest.raises(utils.ImageError, match=message) as error:
+            utils.load_split(folder, "train", root=tmp_path)
+        for name in ("dog/2_broken.jpg", "cat/sub/cut.png", "cat/empty.png"):
+            assert str(folder / "train" / name) in str(error.value), attempt
+        assert "skip_unreadable=True" in str(error.value)
+        with pytest.warns(UserWarning, match=message + r"(.|\n)*They are left out"):
+            images, labels, _ = utils.load_split(folder, "train", root=tmp_path, skip_unreadable=True)
+        assert labels.tolist() == [0] * 6 + [1] * 6
+        assert torch.equal(
+            images[0], torch.from_numpy(np.array(Image.open(folder / "train" / "cat" / "0.png"))).permute(2, 0, 1)
+        )
+    assert len(list((tmp_path / "cache").glob("set-train-*.pt"))) == 1  # decoded once
+
+
+def test_a_change_to_the_decoding_changes_the_cache_key(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "set")
-    (folder / "test" / "dog" / "broken.jpg").write_bytes(b"not a picture")
-    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.jpg"):
-        utils.load_split(folder, "test", root=tmp_path)
+    plain, _, _ = utils.load_split(folder, "train", root=tmp_path)
+    decode_as_before = utils.to_rgb
+
+    def inverted(image, name="image"):
+        return Image.eval(decode_as_before(image, name), lambda value: 255 - value)
+
+    monkeypatch.setattr(utils, "to_rgb", inverted)
+    changed, _, _ = utils.load_split(folder, "train", root=tmp_path)
+    assert torch.equal(changed, 255 - plain)
+    assert len(list((tmp_path / "cache").glob("set-train-*.pt"))) == 2
 
 
 def test_cifar10_download_failure_says_what_to_do(tmp_path, monkeypatch):
@@ -93,8 +182,19 @@ def test_cifar10_download_failure_says_what_to_do(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(RuntimeError, match="Could not download CIFAR-10.*offline copy"):
+    expected = r'Could not download CIFAR-10 .*no network.*README.md, "Data folders".*make run DATA=data/cifar10-jpeg'
+    with pytest.raises(RuntimeError, match=expected):
         utils.load_split("cifar10", "train", root=tmp_path)
+    assert re.match("error: " + expected, utils.data_source_problem("cifar10", root=tmp_path))
+
+
+def test_data_source_problem_names_what_is_wrong_or_nothing(tmp_path):
+    folder = write_folder(tmp_path / "set")
+    assert utils.data_source_problem(folder, root=tmp_path) is None
+    assert len(list((tmp_path / "cache").glob("set-*.pt"))) == 2  # the notebooks will not decode again
+    assert utils.data_source_problem(tmp_path / "nowhere", root=tmp_path) == (
+        f"error: Data folder {tmp_path / 'nowhere'} does not exist."
+    )
 
 
 def test_stratified_split_is_seeded_disjoint_and_proportional():
@@ -118,6 +218,35 @@ def test_stratified_split_fraction_zero_and_too_big():
     assert len(utils.stratified_split(labels, 0)[1]) == 0
     with pytest.raises(ValueError, match="val_size=100"):
         utils.stratified_split(labels, 100)
+    with pytest.raises(ValueError, match=r"val_size=3 must leave each of the 4 classes .* between 4 and 96"):
+        utils.stratified_split(labels, 3)
+
+
+def test_cifar10_sized_split_is_the_same_as_a_fraction_or_a_count():
+    labels = torch.arange(50_000) % 10
+    fraction = utils.stratified_split(labels, 0.1)
+    count = utils.stratified_split(labels, 5000)
+    assert torch.equal(fraction[1], count[1]) and torch.equal(fraction[0], count[0])
+    assert torch.bincount(labels[fraction[1]]).tolist() == [500] * 10
+
+
+def test_every_class_gives_at_least_one_validation_image():
+    labels = torch.tensor([0] * 200 + [1] * 3 + [2] * 2)
+    train_idx, val_idx = utils.stratified_split(labels, 0.1)
+    # 10 % of 205 is 20: one from each small class (their shares round to 0), the rest from the large one.
+    assert torch.bincount(labels[val_idx]).tolist() == [18, 1, 1]
+    assert torch.bincount(labels[train_idx]).tolist() == [182, 2, 1]
+    tiny = torch.tensor([0, 0, 1, 1])
+    assert torch.bincount(tiny[utils.stratified_split(tiny, 0.1)[1]]).tolist() == [1, 1]  # 10 % of 4 rounds to 0
+
+
+def test_a_class_too_small_to_split_is_named():
+    labels = torch.tensor([0] * 50 + [1] * 1 + [2] * 40)
+    with pytest.raises(ValueError, match=r"fewer than 2 training images .*'emu' \(1\).*val_size=0"):
+        utils.stratified_split(labels, 0.1, classes=["cat", "emu", "dog"])
+    with pytest.raises(ValueError, match=r"'yak' \(0\)"):
+        utils.stratified_split(labels, 0.1, classes=["cat", "emu", "dog", "yak"])
+    assert len(utils.stratified_split(labels, 0, classes=["cat", "emu", "dog"])[0]) == 91
 
 
 def test_channel_stats_are_per_channel_fractions():
@@ -190,6 +319,12 @@ def test_get_loaders_synthetic_split_and_metadata():
     assert len(train) == 900 // 50
     assert len(train.mean) == 3 and all(0 < s < 1 for s in train.std)
     assert utils.get_loaders("synthetic", val_size=0, device="cpu")[1] is None
+    assert sum(len(y) for _, y in utils.get_loaders("synthetic", device="cpu")[1]) == 100  # 10 % by default
+
+
+def test_get_loaders_says_when_there_is_not_one_training_batch():
+    with pytest.raises(ValueError, match="The training split has 900 images, fewer than one batch of 1000"):
+        utils.get_loaders("synthetic", batch_size=1000, device="cpu")
 
 
 def test_fast_loader_and_dataloader_give_the_same_evaluation_batches():
@@ -208,3 +343,53 @@ def test_real_cifar10_copy_loads(offline_cifar, tmp_path):
     assert images.shape == (10_000, 3, 32, 32)
     assert classes == list(utils.CIFAR10_CLASSES)
     assert torch.bincount(labels).tolist() == [1000] * 10
+
+
+# ----------------------------------------------------------------------------------------
+# Progress bars
+
+
+class FakeKernelShell:
+    """What IPython's get_ipython() returns inside a Jupyter kernel, as far as progress_bar looks."""
+
+    config = {"IPKernelApp": {}}
+
+    def __init__(self, user_ns=None):
+        self.user_ns = user_ns or {}
+
+
+@pytest.mark.parametrize(
+    ("shell", "env", "widgets"),
+    [
+        (None, {}, False),  # plain Python
+        (FakeKernelShell(), {}, False),  # a kernel run by papermill or nbclient
+        (FakeKernelShell(), {"JPY_SESSION_NAME": "/home/me/01_data.ipynb"}, True),  # JupyterLab, Notebook 7
+        (FakeKernelShell({"__vsc_ipynb_file__": "/home/me/01_data.ipynb"}), {}, True),  # VS Code
+    ],
+)
+def test_progress_bar_is_a_widget_only_where_a_front_end_draws_it(monkeypatch, shell, env, widgets):
+    import IPython
+    from tqdm.notebook import tqdm_notebook
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    assert utils._notebook_front_end() is widgets
+    if not widgets:
+        bar = utils.progress_bar(range(3), desc="Train", disable=True)
+        assert not isinstance(bar, tqdm_notebook)
+
+
+def test_progress_bar_writes_text_with_rate_and_time_left_when_not_in_a_terminal(monkeypatch):
+    log = io.StringIO()  # not a terminal, as papermill's kernel output is not
+    monkeypatch.setattr("sys.stderr", log)
+    bar = utils.progress_bar(range(40), desc="Train Epoch 1/1")
+    assert bar.mininterval == bar.maxinterval == utils.TEXT_PROGRESS_INTERVAL
+    for i in bar:
+        if i == 20:
+            bar.set_postfix({"Train Acc": "0.500"})
+    text = log.getvalue()
+    assert re.search(r"Train Epoch 1/1: 100%\|.*\| 40/40 \[\d\d:\d\d<\d\d:\d\d, .*it/s, Train Acc=0.500\]", text)
+    # The start and the end: 40 quick steps are one interval, and a postfix waits for an update.
+    assert text.count("Train Epoch") == 2

@@ -1,8 +1,9 @@
-"""The five notebooks: committed clean, and runnable in order, headless, on synthetic data.
+"""The five notebooks: committed clean, and runnable in order, headless, on synthetic data
+and on a small folder of pictures as a user brings it; and `make run`'s check of the data.
 
-The run executes each notebook with papermill in a fresh kernel, as `make run` does, with
-small parameters. Checkpoints and logs go to model/<run>.pth and logs/<run>/ under a run
-name unique to the test, and are removed afterwards.
+Each run executes every notebook with papermill in a fresh kernel, as `make run` does.
+Checkpoints and logs go to model/<run>.pth and logs/<run>/ under a run name unique to the
+test, and are removed afterwards, as is the folder's decoded cache in data/cache/.
 """
 
 import functools
@@ -10,6 +11,7 @@ import http.server
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_data import write_user_folder
+from test_predict import odd_pictures
 
 import utils
 
@@ -158,14 +162,7 @@ def executed(tmp_path_factory, image_server):
     parameters = {**SMOKE_PARAMETERS, "RUN_NAME": run_name, "IMAGE_URL": f"{image_server}/ship.png"}
     results = {"run_name": run_name}
     try:
-        for name in NOTEBOOKS:
-            try:
-                seconds = execute(name, out / f"{name}.ipynb", parameters)
-            except Exception as error:
-                results[name] = error
-                break
-            results[name] = (nbformat.read(out / f"{name}.ipynb", as_version=4), seconds)
-            print(f"{name}: {seconds:.1f} s")
+        results.update(run_all(out, parameters))
         # The URL cell once more, with an address where nothing answers: it must print why.
         if isinstance(results.get("05_prediction"), tuple):
             offline = {**parameters, "IMAGE_URL": f"http://127.0.0.1:{free_port()}/cat.jpg"}
@@ -176,12 +173,28 @@ def executed(tmp_path_factory, image_server):
                 results["offline"] = error
         yield results
     finally:
-        for path in (
-            utils.MODEL_DIR / f"{run_name}.pth",
-            utils.last_checkpoint_path(utils.MODEL_DIR / f"{run_name}.pth"),
-        ):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(utils.LOG_DIR / run_name, ignore_errors=True)
+        remove_run(run_name)
+
+
+def remove_run(run_name):
+    for path in (utils.MODEL_DIR / f"{run_name}.pth", utils.last_checkpoint_path(utils.MODEL_DIR / f"{run_name}.pth")):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(utils.LOG_DIR / run_name, ignore_errors=True)
+
+
+def run_all(out, parameters):
+    """Execute the five notebooks in order: {name: (executed notebook, seconds) or exception};
+    a notebook after a failed one is not run."""
+    results = {}
+    for name in NOTEBOOKS:
+        try:
+            seconds = execute(name, out / f"{name}.ipynb", parameters)
+        except Exception as error:
+            results[name] = error
+            break
+        results[name] = (nbformat.read(out / f"{name}.ipynb", as_version=4), seconds)
+        print(f"{name}: {seconds:.1f} s")
+    return results
 
 
 def ran(executed, name):
@@ -254,3 +267,74 @@ def test_05_prediction_url_cell_fails_politely_offline(executed):
         pytest.fail(f"the prediction notebook stopped on an unreachable URL:\n{result}")
     text = outputs_text(result)
     assert "No prediction for the web picture" in text and "http://127.0.0.1:" in text
+
+
+# ----------------------------------------------------------------------------------------
+# A user's own folder, with the default parameters
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory, image_server):
+    """The five notebooks on a small folder with what users' folders hold (classes of very
+    different sizes, sub-folders, suffixes in any case, grayscale, non-square, transparent,
+    16-bit, CMYK and EXIF-rotated pictures, hidden and other files), with every parameter at
+    its default except EPOCHS, the folders, the run name and the web picture's address."""
+    name = f"pytest-photos-{uuid.uuid4().hex[:8]}"
+    folder = write_user_folder(tmp_path_factory.mktemp("user") / name, train_counts=(190, 80, 25), test_count=5)
+    odd_pictures(folder / "train" / "kind1" / "odd")
+    odd_pictures(folder / "test" / "kind0" / "odd")
+    parameters = {
+        "DATA": str(folder),
+        "EPOCHS": 1,
+        "RUN_NAME": name,
+        "FOLDER": str(folder / "test"),
+        "IMAGE_URL": f"{image_server}/ship.png",
+    }
+    results = {"folder": folder}
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("JPY_SESSION_NAME", raising=False)  # as from a terminal, even if started in JupyterLab
+            results.update(run_all(tmp_path_factory.mktemp("user-runs"), parameters))
+        yield results
+    finally:
+        remove_run(name)
+        for cached in (utils.DATA_DIR / "cache").glob(f"{name}-*.pt"):
+            cached.unlink()
+
+
+@pytest.mark.slow
+def test_user_folder_01_splits_ten_percent_and_shows_text_progress(user_run):
+    nb = ran(user_run, "01_data")
+    text = outputs_text(nb)
+    # 302 training pictures: 10 % by class size, 190 : 87 : 25.
+    assert "training: 272 images, validation: 30, test: 22" in text
+    assert "validation images per class: [19, 9, 2]" in text
+    name = user_run["folder"].name
+    assert re.search(rf"Decoding {name}/train: 100%\|.*\| 302/302 \[.*it/s\]", text)  # text, rate included
+    outputs = [output for cell in code_cells(nb) for output in cell.outputs]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
+@pytest.mark.slow
+def test_user_folder_trains_tests_and_predicts(user_run):
+    assert "Epoch [  1/  1]" in outputs_text(ran(user_run, "03_training"))
+    assert "Accuracy of the network on the 22 test images:" in outputs_text(ran(user_run, "04_testing"))
+    table = outputs_text(ran(user_run, "05_prediction"))
+    test_dir = user_run["folder"] / "test"
+    pictures = utils.image_files(test_dir)
+    assert len(pictures) == 22
+    for picture in pictures:
+        assert re.search(re.escape(str(picture)) + r"\s+kind\d", table), picture
+    assert "._000.jpg" not in table and "notes.txt" not in table and "error:" not in table
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_reports_a_data_problem_in_one_line_before_any_notebook(tmp_path):
+    missing = tmp_path / "nowhere"
+    # -o setup: the environment is there already; only the run target is under test.
+    done = subprocess.run(
+        ["make", "-o", "setup", "run", f"DATA={missing}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert done.stderr.splitlines()[0] == f"error: Data folder {missing} does not exist."
+    assert "==" not in done.stdout and "Traceback" not in done.stderr

@@ -31,8 +31,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     images, labels, classes = utils.make_synthetic("train", train_size=256)
     mean, std = utils.channel_stats(images)
-    loader = utils.InMemoryLoader(images, labels, 64, mean, std, shuffle=True, drop_last=True)
-    loader.classes, loader.mean, loader.std = classes, mean, std
+    loader = utils.InMemoryLoader(images, labels, 64, mean, std, shuffle=True, drop_last=True, classes=classes)
     net = MobileNetV2(num_classes=10, alpha=0.25)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
@@ -75,6 +74,48 @@ def test_preprocess_gives_the_training_inputs(trained):
     pictures = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     assert torch.equal(predict.preprocess(pictures, mean, std), expected)
     assert predict.preprocess(Image.new("RGB", (640, 480)), mean, std).shape == (1, 3, 32, 32)
+
+
+def odd_pictures(folder):
+    """One file of each kind that a plain convert("RGB") gets wrong, 40x24 or 24x40 pixels."""
+    folder.mkdir(parents=True)
+    rgba = Image.new("RGBA", (40, 24), (200, 30, 40, 0))  # transparent: its colour must not show
+    rgba.paste((0, 0, 255, 255), (0, 0, 20, 24))
+    rgba.save(folder / "rgba.png")
+    Image.new("LA", (40, 24), (90, 0)).save(folder / "la.png")
+    palette = Image.new("P", (40, 24), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    palette.paste(0, (0, 0, 20, 24))
+    palette.save(folder / "palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright, its left half is on top
+    sideways = Image.new("RGB", (40, 24), (255, 0, 0))
+    sideways.paste((0, 0, 255), (20, 0, 40, 24))
+    sideways.save(folder / "sideways.jpg", exif=exif, quality=95)
+    Image.fromarray(np.full((24, 40), 257 * 100, dtype=np.uint16)).save(folder / "deep.png")
+    Image.new("CMYK", (40, 24), (255, 0, 255, 0)).save(folder / "cmyk.jpg")
+    Image.new("L", (24, 40), 70).save(folder / "gray.JPG")
+    return utils.image_files(folder)
+
+
+def test_training_and_prediction_decode_every_kind_of_file_alike(tmp_path):
+    for split in ("train", "test"):
+        paths = odd_pictures(tmp_path / "set" / split / "odd")
+    images, _, _ = utils.load_split(tmp_path / "set", "test", root=tmp_path)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    for path, trained_on in zip(paths, utils.normalize(images, mean, std), strict=True):
+        predicted_on = predict.preprocess(predict.load_image(path), mean, std)[0]
+        assert torch.equal(trained_on, predicted_on), path.name
+
+    pixels = {path.stem: image.permute(1, 2, 0) for path, image in zip(paths, images, strict=True)}
+    assert pixels["rgba"][16, 2].tolist() == [0, 0, 255] and pixels["rgba"][16, 30].tolist() == [255] * 3
+    assert pixels["palette"][16, 2].tolist() == [255] * 3 and pixels["palette"][16, 30].tolist() == [200, 30, 40]
+    assert pixels["la"][0, 0].tolist() == [255] * 3
+    assert pixels["sideways"][2, 16, 0] > 240 and pixels["sideways"][30, 16, 2] > 240  # red on top
+    assert pixels["deep"][0, 0].tolist() == [100] * 3  # not clipped to white
+    assert pixels["gray"][0, 0].tolist() == [70] * 3
+    r, g, b = pixels["cmyk"][16, 16].tolist()
+    assert g > 200 and r < 50 and b < 50
 
 
 def test_predict_files_agree_with_the_network(trained, tmp_path):
@@ -128,18 +169,21 @@ def test_predict_folder_and_command_line(trained, tmp_path, capsys):
     path, net, checkpoint, images = trained
     folder = tmp_path / "photos"
     save_pictures(images[:3], folder)
+    save_pictures(images[3:4], folder / "more")[0].rename(folder / "more" / "03.PNG")
     (folder / "notes.txt").write_text("not an image, and not an image suffix either")
+    (folder / "._00.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # what macOS leaves on some drives
     (folder / "zz_broken.jpg").write_bytes(b"")
     results = predict.predict_folder(net, folder, checkpoint, topk=2)
-    assert [r["input"] for r in results] == [str(folder / n) for n in ("00.png", "01.png", "02.png", "zz_broken.jpg")]
-    assert "empty file" in results[3]["error"]
+    expected = ("00.png", "01.png", "02.png", "more/03.PNG", "zz_broken.jpg")
+    assert [r["input"] for r in results] == [str(folder / n) for n in expected]
+    assert "empty file" in results[4]["error"]
 
     assert predict.main([str(path), str(folder), str(folder / "00.png"), "--topk", "2"]) == 1  # one broken file
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["input", "top-1", "prob", "others"]
-    assert len(lines) == 1 + 5
+    assert len(lines) == 1 + 6
     assert lines[1].startswith(str(folder / "00.png")) and lines[1].split()[1] in checkpoint["classes"]
-    assert "error:" in lines[4]
+    assert "error:" in lines[5]
     with pytest.raises(SystemExit, match="No checkpoint file"):
         predict.main([str(tmp_path / "nothing.pth"), str(folder)])
 
@@ -251,7 +295,7 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
         predict.load_image(tmp_path / "bomb.png")
 
     Image.new("RGB", (100, 100)).save(tmp_path / "ordinary.png")
-    monkeypatch.setattr(predict, "MAX_PIXELS", 5_000)
+    monkeypatch.setattr(utils, "MAX_PIXELS", 5_000)
     with pytest.raises(predict.ImageError, match=r"100x100 pixels, over the limit of 5,000"):
         predict.load_image(tmp_path / "ordinary.png")
 
@@ -274,8 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer()
 
     def _answer(self):
+        # The slow answers take far longer than any timeout the tests give, so a download
+        # that ends with a timeout error ended by its own deadline, not by the server.
         if self.path == "/slow.png":
-            time.sleep(1.0)
+            time.sleep(30)
         if self.path == "/missing.png":
             self.send_error(404, "Not Found")
             return
@@ -288,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in range(50):
                 self.wfile.write(bytes(10_000))
         elif self.path == "/trickle.png":  # every wait is short, the whole is not
-            for _ in range(30):
+            for _ in range(600):
                 self.wfile.write(b"\x89")
                 self.wfile.flush()
                 time.sleep(0.05)
@@ -330,19 +376,17 @@ def test_download_an_image(server, trained):
 )
 def test_download_errors_are_clear(server, path, kwargs, message):
     url = f"{server}{path}"
-    start = time.monotonic()
     with pytest.raises(predict.ImageError, match=re.escape(url) + ".*" + re.escape(message)):
         predict.load_image(url, **kwargs)
-    assert time.monotonic() - start < 1.0
 
 
 def test_download_without_a_server_is_a_clear_error():
     with socket.socket() as s:  # a port that nothing listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for url in (f"http://127.0.0.1:{port}/cat.png", "http://10.255.255.1/cat.png"):  # closed, unroutable
-        with pytest.raises(predict.ImageError, match=re.escape(f"Could not download {url}")):
-            predict.load_image(url, timeout=0.3)
+    url = f"http://127.0.0.1:{port}/cat.png"
+    with pytest.raises(predict.ImageError, match=re.escape(f"Could not download {url}")):
+        predict.load_image(url, timeout=0.3)
 
 
 # ----------------------------------------------------------------------------------------
