@@ -688,7 +688,7 @@ def image_transform(mean, std, augment):
     """The per-image torchvision pipeline equivalent to InMemoryLoader's batch ops."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
+    steps = [v2.RandomCrop(IMAGE_SIZE, padding=4), v2.RandomHorizontalFlip()] if augment else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
