@@ -36,7 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop and flip")
+    p.add_argument("--trivial-augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--cutout", type=int, help="side of the Cutout square in pixels, 0 for none")
+    p.add_argument("--decay-depthwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay on the depthwise filters too")  # fmt: skip
+    p.add_argument("--ema", type=float, help="decay of the weight average, 0 for none")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=True,
                    help="the CIFAR option: stride 1 stem, 4x4 final map (default); --no-small-input is the paper's")  # fmt: skip
     p.add_argument("--alpha", type=float, default=1.0, help="width multiplier")
@@ -65,6 +70,22 @@ def weights_agree_across_ranks(net):
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+# Test-time augmentation (utils.evaluate's tta) -> the record's key for its test accuracy.
+TTA_KEYS = {None: "test_acc", "flip": "test_acc_flip_tta", "flip-translate": "test_acc_flip_translate_tta"}
+
+
+def accuracy_on_test(net, loader, device, amp):
+    """Test accuracy (%) without and with each test-time augmentation, by record key, and
+    the plain evaluation (per class, confusion matrix)."""
+    results = {tta: utils.evaluate(net, loader, device=device, amp=amp, tta=tta) for tta in TTA_KEYS}
+    return {key: results[tta]["acc"] for tta, key in TTA_KEYS.items()}, results[None]
+
+
+def describe_accuracy(accuracies):
+    return (f"{accuracies['test_acc']:.2f} % (TTA, reported apart: flip {accuracies['test_acc_flip_tta']:.2f} %, "
+            f"flip and translate {accuracies['test_acc_flip_translate_tta']:.2f} %)")  # fmt: skip
 
 
 @contextmanager
@@ -105,11 +126,16 @@ def run(args, device, adapt_network, extra):
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         augment=args.augment,
+        trivial_augment=args.trivial_augment,
+        cutout=args.cutout,
+        decay_depthwise=args.decay_depthwise,
+        ema=args.ema,
     )
     val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
     trainloader, valloader, testloader, classes = utils.get_loaders(
         args.data, batch_size=recipe["batch_size"], val_size=val_size, augment=recipe["augment"],
-        fast=args.fast_loader, device=device, seed=args.seed,
+        trivial_augment=recipe["trivial_augment"], cutout=recipe["cutout"], fast=args.fast_loader, device=device,
+        seed=args.seed,
     )  # fmt: skip
     net = MobileNetV2(len(classes), alpha=args.alpha, small_input=args.small_input, dropout=args.dropout)
     if adapt_network is not None:
@@ -118,17 +144,18 @@ def run(args, device, adapt_network, extra):
     criterion = utils.make_criterion(recipe)
     optimizer = utils.make_optimizer(net, recipe)
     scheduler = utils.make_scheduler(optimizer, recipe, args.epochs, len(trainloader))
+    ema = utils.weight_average(net, recipe["ema"]) if recipe["ema"] else None
     main_process = utils.is_main_process()
     amp = args.amp_dtype or args.amp
     tbwriter = SummaryWriter(args.log_dir / args.run_name) if main_process else None
 
     history = utils.fit(
         net, trainloader, valloader, args.epochs, optimizer, criterion, scheduler,
-        save_path=args.model_dir / f"{args.run_name}.pth", tbwriter=tbwriter, resume=args.resume, amp=amp,
+        save_path=args.model_dir / f"{args.run_name}.pth", tbwriter=tbwriter, resume=args.resume, amp=amp, ema=ema,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
-    test = utils.evaluate(net, testloader, device=device, amp=amp)
-    test_tta = utils.evaluate(net, testloader, device=device, amp=amp, tta=True)
+    test, plain = accuracy_on_test(net, testloader, device, amp)
+    ema_test = accuracy_on_test(ema.module, testloader, device, amp)[0] if ema is not None else None
     in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -140,17 +167,17 @@ def run(args, device, adapt_network, extra):
         "processes": utils.distributed_env()[1],
         "history": history,
         "train_seconds": sum(history["seconds"]),
-        "test_acc": test["acc"],
-        "test_acc_flip_tta": test_tta["acc"],
-        "test_per_class_acc": dict(zip(classes, test["per_class_acc"], strict=True)),
+        **test,
+        "test_per_class_acc": dict(zip(classes, plain["per_class_acc"], strict=True)),
+        "ema": ema_test,
         "weights_in_sync": in_sync,
         **extra,
     }
     if main_process:
-        count = int(test["confusion"].sum())
-        print(f"Accuracy of the final weights on the {count} test images: {test['acc']:.2f} % "
-              f"(with flip TTA: {test_tta['acc']:.2f} %)")  # fmt: skip
-        for name, acc in zip(classes, test["per_class_acc"], strict=True):
+        print(f"Accuracy of the final weights on the {len(plain['labels'])} test images: {describe_accuracy(test)}")
+        if ema is not None:
+            print(f"Accuracy of their average (EMA): {describe_accuracy(ema_test)}")
+        for name, acc in zip(classes, plain["per_class_acc"], strict=True):
             print(f"Accuracy of {name:>5s} : {acc:.2f} %")
         if dist.is_initialized():
             print(f"Weights identical on all {dist.get_world_size()} processes: {in_sync}")

@@ -50,6 +50,7 @@ CHECKPOINT_FORMAT = "mobilenetv2-cifar10-checkpoint/1"
 # What train() records per epoch; the first four are the metrics a checkpoint and TensorBoard show.
 HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 METRICS = HISTORY[:4]
+EMA_EVERY = 5  # batches between two updates of the weight average (train's ``ema``)
 
 
 # ----------------------------------------------------------------------------------------
@@ -615,22 +616,58 @@ def random_crop_flip(images, padding=4, flip=True, generator=None):
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def cutout(images, size, fill, generator=None):
+    """Cutout (DeVries and Taylor, 2017) for a whole batch: in each image, one size x size
+    square at a random centre, clipped by the border, set to ``fill`` (a value per channel).
+    With the mean pixel as fill the square is zero after normalisation, as in the paper."""
+    n, _, h, w = images.shape
+    device = images.device
+    top = torch.randint(0, h, (n, 1, 1), device=device, generator=generator) - size // 2
+    left = torch.randint(0, w, (n, 1, 1), device=device, generator=generator) - size // 2
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    square = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return torch.where(square[:, None], fill.view(1, -1, 1, 1).to(images.dtype), images)
+
+
+def trivial_augment(images, generator, group=8):
+    """TrivialAugment Wide (Muller and Hutter, 2021) on uint8 images (N, 3, H, W): one op of
+    torchvision's TrivialAugmentWide, at a random magnitude, per group of ``group`` images.
+
+    torchvision draws one op for all the images of a call, so the (shuffled) batch is split
+    into groups, each its own call: a batch of 256 sees 32 draws. ``generator``, a CPU
+    generator, seeds each group's draws, so that a resumed epoch is augmented the same way.
+    """
+    from torchvision.transforms import v2
+
+    policy = v2.TrivialAugmentWide()
+    seeds = torch.randint(2**62, (math.ceil(len(images) / group),), generator=generator).tolist()
+    with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
+        groups = []
+        for chunk, seed in zip(images.split(group), seeds, strict=True):
+            torch.manual_seed(seed)
+            groups.append(policy(chunk))
+    return torch.cat(groups)
+
+
 class InMemoryLoader:
     """Batches of (images, labels) from a data set held whole, as uint8, on the device.
 
-    Crop, flip and normalisation are applied to a batch at once with tensor ops, so there
-    are no worker processes and no per-image Python. It has ``len()`` and yields what a
-    DataLoader yields, so it is a drop-in for one. Under torchrun each process reads its
-    own share of every shuffled epoch.
+    Augmentation and normalisation are applied to a batch at once with tensor ops, so there
+    are no worker processes and no per-image Python: ``augment`` random crop and flip,
+    ``trivial_augment`` TrivialAugment Wide, ``cutout`` a square of that many pixels. It has
+    ``len()`` and yields what a DataLoader yields, so it is a drop-in for one. Under torchrun
+    each process reads its own share of every shuffled epoch.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False, drop_last=False, seed=0,
-                 device="cpu", rank=0, world_size=1, classes=None):  # fmt: skip
+                 device="cpu", rank=0, world_size=1, classes=None, trivial_augment=False, cutout=0):  # fmt: skip
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size = batch_size
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.trivial_augment, self.cutout = trivial_augment, cutout
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         # What a checkpoint records of the data (data_info).
@@ -638,6 +675,7 @@ class InMemoryLoader:
         # On the device once, so that normalising a batch copies nothing from the host.
         self._mean = torch.tensor(mean, device=self.device)
         self._std = torch.tensor(std, device=self.device)
+        self._mean_pixel = (self._mean * 255).round().to(torch.uint8)  # cutout's fill
 
     def set_epoch(self, epoch):
         """Make the shuffle and augmentation of the next pass a function of ``epoch``."""
@@ -663,11 +701,16 @@ class InMemoryLoader:
         else:
             order = torch.arange(self.rank, n, self.world_size, device=self.device)
         g.manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank + 1)
+        policy_g = torch.Generator().manual_seed(g.initial_seed())  # on the CPU: no GPU sync per batch
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[idx]
             if self.augment:
                 images = random_crop_flip(images, generator=g)
+            if self.trivial_augment:
+                images = trivial_augment(images, policy_g)
+            if self.cutout:
+                images = cutout(images, self.cutout, self._mean_pixel, generator=g)
             yield normalize(images, self._mean, self._std), self.labels[idx]
 
 
@@ -684,12 +727,17 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-def image_transform(mean, std, augment):
-    """The per-image torchvision pipeline equivalent to InMemoryLoader's batch ops."""
+def image_transform(mean, std, augment, trivial_augment=False, cutout=0):
+    """The per-image torchvision pipeline equivalent to InMemoryLoader's batch ops. Its
+    cutout is RandomErasing of a square, which, unlike Cutout, stays inside the image."""
     from torchvision.transforms import v2
 
     steps = [v2.RandomCrop(IMAGE_SIZE, padding=4), v2.RandomHorizontalFlip()] if augment else []
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    steps += [v2.TrivialAugmentWide()] if trivial_augment else []
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    area = cutout**2 / IMAGE_SIZE**2
+    steps += [v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)] if cutout else []
+    return v2.Compose(steps)
 
 
 def get_loaders(
@@ -704,6 +752,8 @@ def get_loaders(
     eval_batch_size=512,
     num_workers=2,
     skip_unreadable=False,
+    trivial_augment=False,
+    cutout=0,
 ):
     """Train, validation and test loaders and the class names.
 
@@ -711,7 +761,8 @@ def get_loaders(
     val_size:   training images held out for validation (stratified, seeded): a fraction
                 (0.1, 5,000 images of CIFAR-10) or a count; at least one of each class.
                 0 gives no validation loader (None).
-    augment:    random crop (padding 4) and horizontal flip for the training loader.
+    augment:    random crop (padding 4) and horizontal flip for the training loader;
+                trivial_augment and cutout (a square of that many pixels) add to it.
     batch_size: training batch; under torchrun, the global batch summed over processes.
     fast:       True gives InMemoryLoader (data on the device, batch ops); False gives
                 torch.utils.data.DataLoader with per-image transforms.
@@ -749,11 +800,12 @@ def get_loaders(
             loader = InMemoryLoader(
                 images, labels, size, mean, std, shuffle=training, augment=training and augment,
                 drop_last=training, seed=seed, device=device, rank=rank, world_size=world_size, classes=list(classes),
+                trivial_augment=training and trivial_augment, cutout=cutout if training else 0,
             )  # fmt: skip
         else:
-            dataset = TensorImageDataset(
-                images, labels, image_transform(mean, std, training and augment), list(classes)
-            )
+            transform = image_transform(mean, std, training and augment, training and trivial_augment,
+                                        cutout if training else 0)  # fmt: skip
+            dataset = TensorImageDataset(images, labels, transform, list(classes))
             if world_size > 1:
                 sampler = (
                     torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -787,6 +839,10 @@ RECIPES = {
         "schedule": "plateau",
         "warmup": 0.0,
         "augment": False,
+        "trivial_augment": False,
+        "cutout": 0,
+        "decay_depthwise": True,
+        "ema": 0.0,
     },
     # This project's default. Each choice was measured against the tutorial's (benchmarks/README.md).
     "default": {
@@ -799,9 +855,18 @@ RECIPES = {
         "label_smoothing": 0.1,
         "schedule": "onecycle",  # linear warm-up, then cosine decay to ~0, stepped per batch
         "warmup": 0.15,  # fraction of the steps spent warming up
-        "augment": True,
+        "augment": True,  # random crop and flip
+        "trivial_augment": False,  # TrivialAugment Wide on top
+        "cutout": 0,  # side of the Cutout square in pixels; 0 = none
+        "decay_depthwise": True,  # False: no weight decay on the depthwise filters either
+        "ema": 0.0,  # decay of an average of the weights, updated every 5 batches; 0 = none
     },
 }
+# For runs of up to 100 epochs, where the default overfits (99 % training accuracy after 65
+# epochs): stronger augmentation, an average of the weights, no decay on depthwise filters.
+# Chosen from published runs (benchmarks/README.md, "Accuracy"); its validation-split runs
+# need a GPU (benchmarks/gpu_campaign.py).
+RECIPES["long"] = {**RECIPES["default"], "trivial_augment": True, "cutout": 12, "decay_depthwise": False, "ema": 0.99}
 
 
 def get_recipe(name="default", **overrides):
@@ -817,16 +882,26 @@ def get_recipe(name="default", **overrides):
 
 
 def make_optimizer(net, recipe):
-    """SGD with momentum. Without ``decay_norm_and_bias``, weight decay skips BatchNorm
-    weights and all biases (the 1-D parameters): it only shrinks their scale."""
+    """SGD with momentum, weight decay in one group and the exempt parameters in another.
+
+    Without ``decay_norm_and_bias``, BatchNorm weights and all biases (the 1-D parameters)
+    are exempt: decay only shrinks their scale. Without ``decay_depthwise``, so are the
+    depthwise convolutions' filters, nine weights per channel, on which the MobileNet paper
+    advises "very little or no weight decay".
+    """
+    depthwise = {id(m.weight) for m in net.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels}
+
+    def decayed(p):
+        if p.ndim <= 1:
+            return recipe["decay_norm_and_bias"]
+        return recipe["decay_depthwise"] or id(p) not in depthwise
+
     params = [p for p in net.parameters() if p.requires_grad]
-    if recipe["decay_norm_and_bias"]:
-        groups = [{"params": params, "weight_decay": recipe["weight_decay"]}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe["weight_decay"]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
+    groups = [
+        {"params": [p for p in params if decayed(p)], "weight_decay": recipe["weight_decay"]},
+        {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
     return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"])
 
 
@@ -923,11 +998,13 @@ def data_info(loader, data=None):
     }
 
 
-def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, scheduler=None, scaler=None):
-    """The checkpoint dict: the weights (no wrapper prefixes), what rebuilds the network
-    (arch, model_config), what prediction needs (data_info's classes, mean, std) and the run so
-    far. Given ``optimizer``, also all that resuming needs: optimizer, scheduler, gradient
-    scaler and random state."""
+def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, scheduler=None, scaler=None,
+                    ema_model=None):  # fmt: skip
+    """The checkpoint dict: the trained weights ("model", no wrapper prefixes) and, with
+    ``ema_model``, their average ("ema_model"); "weights" says which of the two predicts
+    (load_model uses it). Also what rebuilds the network (arch, model_config), what prediction
+    needs (data_info's classes, mean, std) and the run so far. Given ``optimizer``, also all
+    that resuming needs: optimizer, scheduler, gradient scaler, random state, EMA updates."""
     base = unwrap_model(net)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -938,8 +1015,10 @@ def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, sc
         "epochs": epochs,
         "epoch": len(history["val_acc"]),
         "history": history,
-        "metrics": {key: history[key][-1] for key in METRICS if history[key]},
+        "metrics": {key: values[-1] for key, values in history.items() if values},
         "best_val_acc": best_val_acc,
+        "weights": "ema" if ema_model is not None else "trained",
+        "ema_model": ema_model.module.state_dict() if ema_model is not None else None,
     }
     if optimizer is not None:
         device = next(base.parameters()).device
@@ -948,17 +1027,20 @@ def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, sc
         checkpoint["scaler"] = scaler.state_dict() if scaler is not None else None
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         checkpoint["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
+        checkpoint["ema_updates"] = int(ema_model.n_averaged) if ema_model is not None else 0
     return checkpoint
 
 
-def save_checkpoints(save_path, model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler):
-    """After an epoch: ``save_path`` when the validation accuracy improved, and the resumable
-    <stem>_last.pth every time. Returns the best validation accuracy so far."""
-    improved = history["val_acc"][-1] > best_val_acc
-    best_val_acc = max(best_val_acc, history["val_acc"][-1])
+def save_checkpoints(save_path, model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler, ema_model):
+    """After an epoch: ``save_path`` when the validation accuracy of the weights that predict
+    (the average, with EMA) improved, and the resumable <stem>_last.pth every time. Returns
+    the best validation accuracy so far."""
+    val_acc = history["ema_val_acc" if "ema_val_acc" in history else "val_acc"][-1]
+    improved = val_acc > best_val_acc
+    best_val_acc = max(best_val_acc, val_acc)
     if improved:
-        atomic_save(make_checkpoint(model, data, epochs, history, best_val_acc), save_path)
-    resumable = make_checkpoint(model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler)
+        atomic_save(make_checkpoint(model, data, epochs, history, best_val_acc, ema_model=ema_model), save_path)
+    resumable = make_checkpoint(model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler, ema_model)
     atomic_save(resumable, last_checkpoint_path(save_path))
     return best_val_acc
 
@@ -995,7 +1077,7 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
-def resume_training(save_path, model, optimizer, scheduler, scaler, epochs):
+def resume_training(save_path, model, optimizer, scheduler, scaler, epochs, ema_model=None):
     """Restore what make_checkpoint saved in <save_path stem>_last.pth into the objects given,
     so that the run ends as if it had never stopped. Returns (history, best_val_acc)."""
     if save_path is None:
@@ -1010,7 +1092,13 @@ def resume_training(save_path, model, optimizer, scheduler, scaler, epochs):
             f"{checkpoint['epochs']} (schedules such as OneCycleLR are planned for the whole run), "
             "or start a new run to train for longer."
         )
+    if (ema_model is not None) != (checkpoint.get("weights") == "ema"):
+        had = "with" if checkpoint.get("weights") == "ema" else "without"
+        raise ValueError(f"{path} was trained {had} a weight average (ema); resume it {had} one too.")
     base.load_state_dict(checkpoint["model"])
+    if ema_model is not None:
+        ema_model.module.load_state_dict(checkpoint["ema_model"])
+        ema_model.n_averaged.fill_(checkpoint["ema_updates"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None and checkpoint["scheduler"] is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1026,7 +1114,8 @@ def load_model(path, device=None, num_classes=None):
     """Rebuild the network a checkpoint was trained as, in eval mode, from its own metadata.
 
     Returns (net, checkpoint); the checkpoint dict holds ``classes``, ``mean``, ``std``,
-    ``metrics`` and ``history``. ``num_classes``, if given, must match the checkpoint's.
+    ``metrics`` and ``history``. The weights are those its "weights" names: the average of the
+    weights when trained with ``ema``. ``num_classes``, if given, must match the checkpoint's.
     """
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("model_config")
@@ -1036,7 +1125,7 @@ def load_model(path, device=None, num_classes=None):
         raise CheckpointError(f"{path} was trained for {config['num_classes']} classes, not {num_classes}.")
     net = MobileNetV2(**config)
     try:
-        net.load_state_dict(checkpoint["model"])
+        net.load_state_dict(checkpoint["ema_model" if checkpoint.get("weights") == "ema" else "model"])
     except RuntimeError as error:
         raise CheckpointError(f"{path}: the weights do not fit MobileNetV2({config}): {error}") from error
     net = net.to(get_device(device, verbose=False)).eval()
@@ -1070,8 +1159,10 @@ def grad_scaler(device, amp_dtype):
 
 
 def train_one_epoch(model, loader, optimizer, criterion, device, batch_scheduler=None, scaler=None, amp_dtype=None,
-                    channels_last=False, desc="Train", progress=True, refresh_every=20):  # fmt: skip
+                    channels_last=False, desc="Train", progress=True, refresh_every=20, ema=None,
+                    ema_every=EMA_EVERY):  # fmt: skip
     """One pass over ``loader``. Returns {"loss", "acc", "count"}, per sample (acc in %).
+    ``ema``, an AveragedModel of the network, is updated every ``ema_every`` batches.
 
     Running sums stay on the device; they are read (a GPU sync) only every
     ``refresh_every`` batches, to update the bar and to stop on a non-finite loss.
@@ -1099,6 +1190,8 @@ def train_one_epoch(model, loader, optimizer, criterion, device, batch_scheduler
             optimizer.step()
         if batch_scheduler is not None:
             batch_scheduler.step()
+        if ema is not None and (i + 1) % ema_every == 0:
+            ema.update_parameters(unwrap_model(model))
 
         loss = loss.detach()
         loss_sum += loss * len(labels)
@@ -1127,13 +1220,17 @@ def evaluate(
 ):
     """Evaluate ``net`` on every sample of ``loader`` once, in eval mode.
 
-    tta: also average the softmax of each image and its mirror image (flip test-time
-    augmentation); the result says so under "tta".
+    tta: test-time augmentation, the softmax averaged over views of each image (tta_views):
+    "flip" (or True) the image and its mirror image, "flip-translate" six views. The result
+    says which under "tta" (None without).
     Returns a dict: loss, acc (%), per_class_acc (%), confusion (true x predicted counts),
     and per sample labels, preds, probs (on the CPU). Under torchrun the totals cover all
     ranks; the per-sample lists cover this rank's share.
     """
     device = get_device(device, verbose=False) if device is None else torch.device(device)
+    tta = "flip" if tta is True else tta or None
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta={tta!r}: choose False, True, or one of {[v for v in TTA_VIEWS if v]}.")
     criterion = criterion or nn.CrossEntropyLoss()
     amp_dtype = autocast_dtype(device, amp)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -1145,9 +1242,7 @@ def evaluate(
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(images)
-            if tta:
-                logits = torch.stack([logits, net(images.flip(3))])
+            logits = torch.stack([net(view) for view in tta_views(images, tta)]) if tta else net(images)
         logits = logits.float()
         if tta:
             probs = logits.softmax(-1).mean(0)
@@ -1180,12 +1275,28 @@ def evaluate(
     }
 
 
+TTA_VIEWS = (None, "flip", "flip-translate")
+
+
+def tta_views(images, tta):
+    """The views of a batch that test-time augmentation averages: the images and their
+    mirror images ("flip"), and for "flip-translate" each of these shifted by one pixel
+    up-left and down-right as well (edges reflected): six views, as airbench uses."""
+    views = [images, images.flip(3)]
+    if tta == "flip-translate":
+        h, w = images.shape[-2:]
+        padded = [F.pad(view, (1, 1, 1, 1), mode="reflect") for view in views]
+        views += [p[..., :h, :w] for p in padded] + [p[..., 2:, 2:] for p in padded]
+    return views
+
+
 def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=None, *, save_path=None,
         tbwriter=None, verbose=True, resume=False, device=None, amp=None, channels_last=None,
-        scheduler_interval=None, compile=False, data=None, hparams=None):  # fmt: skip
+        scheduler_interval=None, compile=False, data=None, hparams=None, ema=None):  # fmt: skip
     """Train ``net`` for ``epochs`` epochs and return the history: a dict of per-epoch lists
-    train_loss, train_acc, val_loss, val_acc (%), lr and seconds. train() documents the
-    arguments; ``data`` is data_info's dict, read from ``train_loader`` when not given."""
+    train_loss, train_acc, val_loss, val_acc (%), lr and seconds, and with ``ema``
+    ema_val_loss and ema_val_acc. train() documents the arguments; ``data`` is data_info's
+    dict, read from ``train_loader`` when not given."""
     device = get_device(device, verbose=False)
     if channels_last is None:
         channels_last = channels_last_is_faster(unwrap_model(net), device)
@@ -1199,7 +1310,7 @@ def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=N
     show = verbose and main
     history, best_val_acc = {key: [] for key in HISTORY}, -math.inf
     if resume:
-        history, best_val_acc = resume_training(save_path, model, optimizer, scheduler, scaler, epochs)
+        history, best_val_acc = resume_training(save_path, model, optimizer, scheduler, scaler, epochs, ema)
         if show:
             print(f"Resuming from {last_checkpoint_path(save_path)} after epoch {len(history['val_acc'])}/{epochs}.")
     elif tbwriter is not None and main:
@@ -1213,7 +1324,7 @@ def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=N
             title = f"Epoch {epoch + 1}/{epochs}"
             train_metrics = train_one_epoch(
                 model, train_loader, optimizer, criterion, device, scheduler if per_batch else None,
-                scaler, amp_dtype, channels_last, desc=f"Train {title}", progress=show,
+                scaler, amp_dtype, channels_last, desc=f"Train {title}", progress=show, ema=ema,
             )  # fmt: skip
             lr = optimizer.param_groups[0]["lr"]
             # Without validation data the training metrics stand in.
@@ -1221,16 +1332,20 @@ def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=N
                 model, val_loader, criterion, device, amp=amp, channels_last=channels_last,
                 desc=f"Val {title}", progress=show,
             )  # fmt: skip
+            ema_metrics = None if ema is None or val_loader is None else evaluate(
+                ema.module, val_loader, criterion, device, amp=amp, channels_last=channels_last,
+                desc=f"EMA Val {title}", progress=show,
+            )  # fmt: skip
             if scheduler is not None and not per_batch:
                 _step_scheduler(scheduler, val_metrics["loss"])
-            _record_epoch(history, train_metrics, val_metrics, lr, time.perf_counter() - began)
+            _record_epoch(history, train_metrics, val_metrics, ema_metrics, lr, time.perf_counter() - began)
             if show:
                 print(_epoch_line(history, epochs))
             if main and tbwriter is not None:
                 _log_epoch(tbwriter, history)
             if main and save_path:
                 best_val_acc = save_checkpoints(save_path, model, data, epochs, history, best_val_acc,
-                                                optimizer, scheduler, scaler)  # fmt: skip
+                                                optimizer, scheduler, scaler, ema)  # fmt: skip
     except KeyboardInterrupt:
         if show:
             saved = save_path and epoch > start
@@ -1276,10 +1391,23 @@ def _step_scheduler(scheduler, val_loss):
         scheduler.step()
 
 
-def _record_epoch(history, train_metrics, val_metrics, lr, seconds):
+def weight_average(net, decay):
+    """An exponential moving average of ``net``'s weights and BatchNorm statistics, which
+    train_one_epoch updates every EMA_EVERY batches: w_avg = decay * w_avg + (1 - decay) * w.
+    Its ``module`` is a MobileNetV2 to evaluate, save and predict with. Make it after
+    prepare_model, so that it is a copy on the same device."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(unwrap_model(net), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _record_epoch(history, train_metrics, val_metrics, ema_metrics, lr, seconds):
     values = (train_metrics["loss"], train_metrics["acc"], val_metrics["loss"], val_metrics["acc"], lr, seconds)
     for key, value in zip(HISTORY, values, strict=True):
         history[key].append(value)
+    if ema_metrics is not None:
+        history.setdefault("ema_val_loss", []).append(ema_metrics["loss"])
+        history.setdefault("ema_val_acc", []).append(ema_metrics["acc"])
 
 
 def _epoch_line(history, epochs):
@@ -1289,13 +1417,17 @@ def _epoch_line(history, epochs):
         f"Epoch [{len(history['val_acc']):>3d}/{epochs:>3d}]  Train Loss:{last['train_loss']:.6f}  "
         f"Train Acc:{last['train_acc']:.2f}% Val Loss:{last['val_loss']:.6f}  Val Acc:{last['val_acc']:.2f}%  "
         f"Learning Rate:{last['lr']:.6f}  Time:{last['seconds']:.1f}s"
+        + (f"  EMA Val Acc:{last['ema_val_acc']:.2f}%" if "ema_val_acc" in last else "")
     )
 
 
 def _log_epoch(tbwriter, history):
     step = len(history["val_acc"])
     tbwriter.add_scalars("Loss", {"train": history["train_loss"][-1], "val": history["val_loss"][-1]}, step)
-    tbwriter.add_scalars("Accuracy", {"train": history["train_acc"][-1], "val": history["val_acc"][-1]}, step)
+    accuracy = {"train": history["train_acc"][-1], "val": history["val_acc"][-1]}
+    if "ema_val_acc" in history:
+        accuracy["val (EMA)"] = history["ema_val_acc"][-1]
+    tbwriter.add_scalars("Accuracy", accuracy, step)
     tbwriter.add_scalar("Learning Rate", history["lr"][-1], step)
     tbwriter.add_scalar("Seconds per epoch", history["seconds"][-1], step)
 
@@ -1358,6 +1490,9 @@ def train(net, trainloader, testloader, epoch, optimizer, criterion, scheduler=N
                     slower on the CPU, measured); falls back to eager, with a warning;
       data          classes, mean and std for the checkpoints (data_info), when the loader
                     does not tell them;
+      ema           a weight_average(net, decay) to update every EMA_EVERY batches and validate
+                    beside the trained weights; the checkpoints then predict with the average
+                    (their "weights" says so);
       hparams       extra values to record with the final metrics in TensorBoard.
     Returns Acc = {"train_acc", "val_acc"} (%), Loss = {"train_loss", "val_loss"}, Lr (lists).
     """

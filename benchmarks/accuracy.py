@@ -32,6 +32,35 @@ EXPERIMENTS = {
     # This project's recipe on the CIFAR option.
     "default-cifar-10": ["--recipe", "default", "--small-input", "--epochs", "10"],
     "default-cifar-long": ["--recipe", "default", "--small-input", "--epochs", "60"],
+    # The accuracy ingredients one at a time on the paper's network (short enough for a CPU).
+    # Each also reports the plain recipe's figure: the average is validated beside the weights.
+    "ema-paper-10": ["--recipe", "default", "--no-small-input", "--epochs", "10", "--ema", "0.98"],
+    "ema-nodwd-paper-10": [
+        "--recipe",
+        "default",
+        "--no-small-input",
+        "--epochs",
+        "10",
+        "--ema",
+        "0.98",
+        "--no-decay-depthwise",
+    ],  # fmt: skip
+    "strong-paper-10": [
+        "--recipe",
+        "default",
+        "--no-small-input",
+        "--epochs",
+        "10",
+        "--ema",
+        "0.98",
+        "--no-decay-depthwise",
+        "--trivial-augment",
+        "--cutout",
+        "12",
+    ],  # fmt: skip
+    # The long recipe on the CIFAR option; "-all" trains on all 50,000 images (no validation).
+    "long-cifar-100": ["--recipe", "long", "--small-input", "--epochs", "100"],
+    "long-cifar-100-all": ["--recipe", "long", "--small-input", "--epochs", "100", "--val-size", "0"],
 }
 
 

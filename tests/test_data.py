@@ -393,3 +393,64 @@ def test_progress_bar_writes_text_with_rate_and_time_left_when_not_in_a_terminal
     assert re.search(r"Train Epoch 1/1: 100%\|.*\| 40/40 \[\d\d:\d\d<\d\d:\d\d, .*it/s, Train Acc=0.500\]", text)
     # The start and the end: 40 quick steps are one interval, and a postfix waits for an update.
     assert text.count("Train Epoch") == 2
+
+
+# ----------------------------------------------------------------------------------------
+# Stronger augmentation: Cutout and TrivialAugment, per image, seeded
+
+
+def test_cutout_sets_one_square_per_image_clipped_by_the_border():
+    images = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    fill = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    out = utils.cutout(images, 8, fill, generator=torch.Generator().manual_seed(0))
+    cut = (out != images).all(1)  # (N, H, W): pixels replaced in every channel
+    assert torch.equal(out.permute(0, 2, 3, 1)[cut], fill.expand(int(cut.sum()), 3))
+    areas = cut.sum((1, 2))
+    assert areas.max() == 64 and areas.min() >= 16  # 8 x 8, or less where the border cuts it
+    assert (areas < 64).any()  # some squares do reach past the border
+    rows, cols = cut.any(2), cut.any(1)
+    assert torch.equal(rows.sum(1) * cols.sum(1), areas)  # each cut region is one rectangle
+    again = utils.cutout(images, 8, fill, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_trivial_augment_draws_per_group_of_images_and_repeats_with_its_seed():
+    images = utils.make_synthetic("train", train_size=1)[0].expand(64, -1, -1, -1).contiguous()
+    out = utils.trivial_augment(images, torch.Generator().manual_seed(0), group=8)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    groups = out.view(8, 8, 3, 32, 32)
+    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(8))  # one draw per group
+    distinct = {bytes(g[0].flatten().tolist()) for g in groups}
+    assert len(distinct) >= 4  # eight draws, most of them different
+    assert torch.equal(out, utils.trivial_augment(images, torch.Generator().manual_seed(0), group=8))
+    before = torch.get_rng_state()
+    utils.trivial_augment(images, torch.Generator().manual_seed(1))
+    assert torch.equal(before, torch.get_rng_state())  # the global generator (dropout's) is untouched
+
+
+def test_in_memory_loader_repeats_its_strong_augmentation_for_the_same_epoch():
+    images, labels, classes = utils.make_synthetic("train", train_size=128)
+    mean, std = utils.channel_stats(images)
+
+    def batches(epoch):
+        loader = utils.InMemoryLoader(images, labels, 32, mean, std, shuffle=True, augment=True, seed=3,
+                                      trivial_augment=True, cutout=8)  # fmt: skip
+        loader.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    first, again, other = batches(2), batches(2), batches(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    plain = utils.InMemoryLoader(images, labels, 32, mean, std, shuffle=True, augment=True, seed=3)
+    plain.set_epoch(2)
+    assert not torch.equal(next(iter(plain))[0], first[0])  # the policy and cutout did change the images
+
+
+def test_the_dataloader_path_has_the_same_augmentations():
+    from torchvision.transforms import v2
+
+    steps = utils.image_transform((0.5,) * 3, (0.2,) * 3, augment=True, trivial_augment=True, cutout=8).transforms
+    kinds = [type(step) for step in steps]
+    assert kinds == [v2.RandomCrop, v2.RandomHorizontalFlip, v2.TrivialAugmentWide, v2.ToDtype, v2.Normalize,
+                     v2.RandomErasing]  # fmt: skip
+    assert steps[-1].scale == (64 / 1024, 64 / 1024) and steps[-1].ratio == (1.0, 1.0)

@@ -102,7 +102,7 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     x[..., 0] = 1.0
     plain = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu")
     tta = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu", tta=True)
-    assert plain["acc"] == 100.0 and tta["tta"] is True
+    assert plain["acc"] == 100.0 and plain["tta"] is None and tta["tta"] == "flip"
     assert tta["probs"][0].tolist() == pytest.approx([0.5, 0.5])
 
 
@@ -418,3 +418,124 @@ def test_a_failed_compile_warns_once_and_trains_eagerly(loaders, monkeypatch):
         _, _, _, (acc, _, _) = run(loaders, epochs=2, compile=True)
     assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
     assert len(acc["train_acc"]) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# Accuracy ingredients: weight averaging, multi-view TTA, weight-decay groups, recipes
+
+
+def test_weight_average_follows_its_formula_buffers_included():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = utils.weight_average(net, 0.9)
+    start = net[0].weight.detach().clone()
+    average.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+    average.update_parameters(net)
+    torch.testing.assert_close(average.module[0].weight, 0.9 * start + 0.1 * (start + 1))
+    torch.testing.assert_close(average.module[1].running_mean, torch.full((2,), 0.2))
+
+
+@pytest.fixture(scope="module")
+def strong_loaders():
+    return utils.get_loaders("synthetic", batch_size=64, val_size=100, device="cpu", trivial_augment=True, cutout=8)
+
+
+def run_with_ema(loaders, epochs, save_path=None, resume=False, seed=0, interrupt=None):
+    net = tiny_net(seed)
+    optimizer = sgd(net)
+    scheduler = lr_scheduler.OneCycleLR(optimizer, 0.05, epochs=epochs, steps_per_epoch=len(loaders[0]))
+    ema = utils.weight_average(net, 0.9)
+    history = utils.fit(net, loaders[0], loaders[1], epochs, optimizer, nn.CrossEntropyLoss(), scheduler,
+                        save_path=save_path, verbose=False, device="cpu", resume=resume, ema=ema)  # fmt: skip
+    return net, ema, history
+
+
+def test_ema_is_validated_beside_the_weights_and_is_what_the_checkpoint_predicts_with(strong_loaders, tmp_path):
+    net, ema, history = run_with_ema(strong_loaders, 2, tmp_path / "m.pth")
+    assert len(history["ema_val_acc"]) == len(history["val_acc"]) == 2
+    assert history["ema_val_loss"] != history["val_loss"]
+    assert int(ema.n_averaged) == 2 * (len(strong_loaders[0]) // utils.EMA_EVERY)  # every 5th batch of each epoch
+    last = utils.load_checkpoint(tmp_path / "m_last.pth")
+    assert last["weights"] == "ema" and last["ema_updates"] == int(ema.n_averaged)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in last["model"].items())  # trained weights kept
+    restored, best = utils.load_model(tmp_path / "m.pth", device="cpu")
+    assert best["best_val_acc"] == max(history["ema_val_acc"])  # chosen by the average's accuracy
+    assert all(torch.equal(v, best["ema_model"][k]) for k, v in restored.state_dict().items())
+    assert not all(torch.equal(v, best["model"][k]) for k, v in restored.state_dict().items())
+
+
+def test_resume_with_ema_and_strong_augmentation_ends_like_an_uninterrupted_run(strong_loaders, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    straight, straight_ema, history = run_with_ema(strong_loaders, 3)
+    evaluate = utils.evaluate
+    calls = []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch's validation
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_with_ema(strong_loaders, 3, tmp_path / "m.pth")
+    monkeypatch.setattr(utils, "evaluate", evaluate)
+    assert utils.load_checkpoint(tmp_path / "m_last.pth")["epoch"] == 1
+
+    resumed, resumed_ema, resumed_history = run_with_ema(strong_loaders, 3, tmp_path / "m.pth", resume=True, seed=99)
+    seconds = history.pop("seconds"), resumed_history.pop("seconds")  # the only thing that differs
+    assert resumed_history == history and len(seconds[0]) == len(seconds[1]) == 3
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight_ema.state_dict().values(), resumed_ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="trained with a weight average"):
+        run(strong_loaders, epochs=3, save_path=tmp_path / "m.pth", resume=True)
+
+
+def test_flip_translate_tta_averages_six_views():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    views = utils.tta_views(images, "flip-translate")
+    assert len(views) == 6 and torch.equal(views[1], images.flip(3))
+    # Up-left: the pixel at (i, j) comes from (i - 1, j - 1), edges reflected.
+    assert torch.equal(views[2][..., 1:, 1:], images[..., :-1, :-1])
+    assert torch.equal(views[4][..., :-1, :-1], images[..., 1:, 1:])  # down-right
+    assert torch.equal(views[3][..., 1:, 1:], images.flip(3)[..., :-1, :-1])
+
+    class Counts(nn.Module):  # class 0 from the mean brightness: the same under every view
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    result = utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], device="cpu", tta="flip-translate")
+    assert result["tta"] == "flip-translate" and result["acc"] == 100.0
+    with pytest.raises(ValueError, match="tta='rotate'"):
+        utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], device="cpu", tta="rotate")
+
+
+def test_weight_decay_can_spare_the_depthwise_filters():
+    net = MobileNetV2(10, alpha=0.25)
+    names = {id(p): name for name, p in net.named_parameters()}
+    depthwise = {name for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert len(depthwise) == 17  # one per inverted residual block
+    spare = utils.get_recipe("default", decay_depthwise=False)
+    decayed, exempt = (
+        sorted(names[id(p)] for p in group["params"]) for group in utils.make_optimizer(net, spare).param_groups
+    )
+    assert {name.removesuffix(".weight") for name in exempt if name.removesuffix(".weight") in depthwise} == depthwise
+    assert all(p.ndim == 1 for name, p in net.named_parameters() if name in exempt and
+               name.removesuffix(".weight") not in depthwise)  # fmt: skip
+    assert all(p.ndim == 4 or p.ndim == 2 for name, p in net.named_parameters() if name in decayed)
+    assert not {name.removesuffix(".weight") for name in decayed} & depthwise
+    default_groups = utils.make_optimizer(net, utils.get_recipe("default")).param_groups
+    assert len(default_groups[0]["params"]) == len(decayed) + len(depthwise)  # today's default decays them
+
+
+def test_every_recipe_builds():
+    net = tiny_net()
+    for name in utils.RECIPES:
+        recipe = utils.get_recipe(name)
+        optimizer = utils.make_optimizer(net, recipe)
+        utils.make_scheduler(optimizer, recipe, 2, 10)
+        utils.make_criterion(recipe)
