@@ -24,40 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import precision  # noqa: E402
 import train  # noqa: E402
 
+PAPER_10 = ["--no-small-input", "--epochs", "10"]
 EXPERIMENTS = {
     # The tutorial: its recipe on its network (the paper's strides), 10 epochs.
-    "tutorial-paper-10": ["--recipe", "tutorial", "--no-small-input", "--epochs", "10"],
+    "tutorial-paper-10": ["--recipe", "tutorial", *PAPER_10],
     # This project's recipe on the same network.
-    "default-paper-10": ["--recipe", "default", "--no-small-input", "--epochs", "10"],
+    "default-paper-10": ["--recipe", "default", *PAPER_10],
     # This project's recipe on the CIFAR option.
     "default-cifar-10": ["--recipe", "default", "--small-input", "--epochs", "10"],
     "default-cifar-long": ["--recipe", "default", "--small-input", "--epochs", "60"],
-    # The accuracy ingredients one at a time on the paper's network (short enough for a CPU).
-    # Each also reports the plain recipe's figure: the average is validated beside the weights.
-    "ema-paper-10": ["--recipe", "default", "--no-small-input", "--epochs", "10", "--ema", "0.98"],
-    "ema-nodwd-paper-10": [
-        "--recipe",
-        "default",
-        "--no-small-input",
-        "--epochs",
-        "10",
-        "--ema",
-        "0.98",
-        "--no-decay-depthwise",
-    ],  # fmt: skip
-    "strong-paper-10": [
-        "--recipe",
-        "default",
-        "--no-small-input",
-        "--epochs",
-        "10",
-        "--ema",
-        "0.98",
-        "--no-decay-depthwise",
-        "--trivial-augment",
-        "--cutout",
-        "12",
-    ],  # fmt: skip
+    # The accuracy ingredients added one by one on the paper's network (short enough for a
+    # CPU). Each also reports the plain recipe's figure: the average is validated beside it.
+    "ema-paper-10": ["--recipe", "default", *PAPER_10, "--ema", "0.98"],
+    "ema-nodwd-paper-10": ["--recipe", "default", *PAPER_10, "--ema", "0.98", "--no-decay-depthwise"],
+    "strong-paper-10": ["--recipe", "long", *PAPER_10, "--ema", "0.98"],
     # The long recipe on the CIFAR option; "-all" trains on all 50,000 images (no validation).
     "long-cifar-100": ["--recipe", "long", "--small-input", "--epochs", "100"],
     "long-cifar-100-all": ["--recipe", "long", "--small-input", "--epochs", "100", "--val-size", "0"],

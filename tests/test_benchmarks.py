@@ -13,6 +13,8 @@ import utils
 
 ROOT = utils.ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import augment_cost  # noqa: E402
+
 import precision  # noqa: E402
 
 
@@ -126,3 +128,13 @@ def test_emulated_float16_keeps_small_gradients_as_a_grad_scaler_would():
     assert x.grad.abs().min() > 0
     expected = layer.weight.detach().to(torch.float16).float().sum(0).expand(2, 16) * 1e-9
     torch.testing.assert_close(x.grad, expected, rtol=2e-3, atol=0)
+
+
+def test_augment_cost_prints_one_row_per_augmentation(tmp_path):
+    done = run_script(tmp_path, "augment_cost.py", "--images", "256", "--batch-size", "64", "--device", "cpu")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [re.fullmatch(r"(crop \+ flip.*?)\s+([\d.]+)\s+([\d.]+)x", line) for line in done.stdout.splitlines()]
+    rows = [row.groups() for row in rows if row]
+    assert [name for name, _, _ in rows] == list(augment_cost.SETTINGS)
+    baseline = float(rows[0][1])  # the seconds are printed rounded to 1 ms: compare within 5 %
+    assert all(float(ratio) == pytest.approx(float(seconds) / baseline, rel=0.05) for _, seconds, ratio in rows)

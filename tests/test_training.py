@@ -1,5 +1,6 @@
 """train / evaluate / checkpoints on synthetic data and tiny models."""
 
+import contextlib
 import math
 import re
 
@@ -157,27 +158,33 @@ def test_checkpoints_best_and_last_with_plain_metadata(loaders, tmp_path):
     assert not restored.training and checkpoint["epoch"] == best["epoch"]
 
 
+@contextlib.contextmanager
+def interrupted_at_evaluation(call, monkeypatch):
+    """Ctrl-C at the ``call``-th call of utils.evaluate inside the block, which must stop there."""
+    evaluate = utils.evaluate
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(utils, "evaluate", evaluate)
+
+
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(loaders, tmp_path, monkeypatch):
     def schedule(o):
         return lr_scheduler.OneCycleLR(o, 0.05, epochs=3, steps_per_epoch=len(loaders[0]))
 
     straight, _, _, (acc, loss, lr) = run(loaders, epochs=3, scheduler=schedule)
-
-    evaluate = utils.evaluate
-    calls = []
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch's validation
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(utils, "evaluate", interrupted)
     path = tmp_path / "m.pth"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_evaluation(2, monkeypatch):  # the second epoch's validation
         run(loaders, epochs=3, scheduler=schedule, save_path=path)
     assert utils.load_checkpoint(tmp_path / "m_last.pth")["epoch"] == 1
-    monkeypatch.setattr(utils, "evaluate", evaluate)
 
     # A fresh process would rebuild everything from scratch, then resume from the file.
     resumed, _, _, (acc2, loss2, lr2) = run(loaders, epochs=3, seed=99, scheduler=schedule, save_path=path,
@@ -469,19 +476,8 @@ def test_ema_is_validated_beside_the_weights_and_is_what_the_checkpoint_predicts
 def test_resume_with_ema_and_strong_augmentation_ends_like_an_uninterrupted_run(strong_loaders, tmp_path,
                                                                                 monkeypatch):  # fmt: skip
     straight, straight_ema, history = run_with_ema(strong_loaders, 3)
-    evaluate = utils.evaluate
-    calls = []
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch's validation
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(utils, "evaluate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_evaluation(3, monkeypatch):  # the second epoch's first validation
         run_with_ema(strong_loaders, 3, tmp_path / "m.pth")
-    monkeypatch.setattr(utils, "evaluate", evaluate)
     assert utils.load_checkpoint(tmp_path / "m_last.pth")["epoch"] == 1
 
     resumed, resumed_ema, resumed_history = run_with_ema(strong_loaders, 3, tmp_path / "m.pth", resume=True, seed=99)
