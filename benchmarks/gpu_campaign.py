@@ -22,6 +22,7 @@ logs) are copied there too, after each process.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -69,7 +70,7 @@ SPEED_RUNS = {
 SPEED_OPTIONS = ["--steps", "50", "--warmup", "10"]
 SPEED_RUN_NEEDS_S = 30  # the eager rows: a run that cannot finish those is not started
 
-# --smoke: the same phases on the CPU, in a couple of minutes on two cores.
+# --smoke: the same phases on the CPU, in about a minute on two cores.
 SMOKE_EXPERIMENTS = 2
 SMOKE_TRAIN_OPTIONS = ["--epochs", "1", "--alpha", "0.25", "--val-size", "100", "--batch-size", "64",
                        "--device", "cpu"]  # fmt: skip
@@ -123,7 +124,7 @@ def run_jobs(jobs, parallel, deadline, log_dir, clock, env=None, on_finish=None)
             for name, (job, process, log) in list(running.items()):
                 returncode = process.poll()
                 if returncode is None and clock() >= deadline:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    kill_group(process)
                     returncode = process.wait()
                     job.status = "timed out"
                 elif returncode is None:
@@ -137,25 +138,31 @@ def run_jobs(jobs, parallel, deadline, log_dir, clock, env=None, on_finish=None)
                     on_finish(job)
     finally:  # interrupted: leave no training process behind on the GPU
         for _, process, _ in running.values():
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process)
 
 
-def prepare_data(data, archive, root=utils.DATA_DIR):
+def kill_group(process):
+    """Kill ``process`` and every process of its session (start_new_session made one)."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group has ended already
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def prepare_data(data, archive, root=utils.DATA_DIR, report=print):
     """Make the image folder ``data`` ready: extracted from ``archive`` (which holds it as its
     top folder) when only the archive is there, and decoded once into the cache under ``root``
     (train.py's), so that the processes that follow all read the cache instead of each
-    decoding 60,000 files."""
+    decoding 60,000 files. ``report`` gets what it did, a line at a time."""
     if data != "synthetic" and not data.is_dir():
         if not archive.is_file():
             raise SystemExit(f"No data: neither the folder {data} nor the archive {archive} exists.")
-        print(f"Extracting {archive} into {data.parent}/")
+        report(f"extracting {archive} into {data.parent}/")
         with tarfile.open(archive) as tar:
             tar.extractall(data.parent, filter="data")
         if not data.is_dir():
             raise SystemExit(f"{archive} holds no folder {data.name}/.")
     for split in ("train", "test"):
         images, _, classes = utils.load_split(data, split, root)
-        print(f"data: {data} {split}, {len(images)} images of {len(classes)} classes")
+        report(f"data: {data} {split}, {len(images)} images of {len(classes)} classes")
 
 
 def environment():
@@ -269,7 +276,7 @@ def main(argv=None):
                         help="a .tar.gz holding the data folder, extracted when the folder is missing")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "campaign", help="an empty or new folder")
     parser.add_argument("--budget-s", type=float, default=510, help="the deadline, in seconds from the start")
-    parser.add_argument("--speed-budget-s", type=float, default=170, help="the speed phase's share of it")
+    parser.add_argument("--speed-budget-s", type=float, default=150, help="the speed phase's share of it")
     parser.add_argument("--parallel", type=int, help="accuracy processes at a time (default: 6; --smoke: 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU, the first 2 experiments")
     args = parser.parse_args(argv)
@@ -299,7 +306,7 @@ def main(argv=None):
         campaign_log.flush()
 
     say(f"phase 0, data and environment: {data}")
-    prepare_data(data, args.data_archive)
+    prepare_data(data, args.data_archive, report=say)
     env = environment()
     say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
 
