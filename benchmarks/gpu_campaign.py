@@ -264,6 +264,24 @@ def write_atomically(path, data):
     os.replace(part, path)
 
 
+def speed_job(name, line, data, out_dir, options):
+    """A train_speed.py run of SPEED_RUNS, writing <out_dir>/<name>.json."""
+    data_option = [] if data == "synthetic" else ["--data", str(data)]  # without, it makes a synthetic folder
+    command = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), *shlex.split(line), *data_option,
+               "--json", str(out_dir / f"{name}.json"), *options]  # fmt: skip
+    return Job(name, command, SPEED_RUN_NEEDS_S, line)
+
+
+def accuracy_job(line, needs_s, data, out_dir, options):
+    """An accuracy.py run of an EXPERIMENTS line, writing <out_dir>/<name>.json; its
+    checkpoints and TensorBoard run go under <out_dir> too, apart from other runs'."""
+    name = job_name(line)
+    command = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), *shlex.split(line), "--data", str(data),
+               "--run-name", name, "--metrics-out", str(out_dir / f"{name}.json"),
+               "--model-dir", str(out_dir / "model"), "--log-dir", str(out_dir / "tensorboard"), *options]  # fmt: skip
+    return Job(name, command, needs_s, line)
+
+
 def main(argv=None):
     started = time.monotonic()
 
@@ -310,31 +328,8 @@ def main(argv=None):
     env = environment()
     say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
 
-    speed_data = [] if data == "synthetic" else ["--data", str(data)]  # train_speed.py makes its own synthetic set
-    speed_jobs = [
-        Job(
-            name,
-            [
-                sys.executable,
-                str(ROOT / "benchmarks" / "train_speed.py"),
-                *shlex.split(line),
-                *speed_data,
-                "--json",
-                str(out_dir / f"{name}.json"),
-                *speed_options,
-            ],
-            SPEED_RUN_NEEDS_S,
-            line,
-        )  # fmt: skip
-        for name, line in SPEED_RUNS.items()
-    ]
-    accuracy_jobs = []
-    for line, needs_s in experiments:
-        name = job_name(line)
-        command = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), *shlex.split(line), "--data", str(data),
-                   "--run-name", name, "--metrics-out", str(out_dir / f"{name}.json"),
-                   "--model-dir", str(out_dir / "model"), "--log-dir", str(out_dir / "tensorboard"), *train_options]  # fmt: skip
-        accuracy_jobs.append(Job(name, command, needs_s, line))
+    speed_jobs = [speed_job(name, line, data, out_dir, speed_options) for name, line in SPEED_RUNS.items()]
+    accuracy_jobs = [accuracy_job(line, needs_s, data, out_dir, train_options) for line, needs_s in experiments]
 
     def write_summary():
         summary = {"environment": env, "budget_s": args.budget_s, "elapsed_s": clock(), "smoke": args.smoke,
