@@ -11,15 +11,25 @@ crop with padding 4 and horizontal flip), on whatever device is present:
             CUDA, no per-batch synchronisation, in both memory layouts (NCHW and
             channels_last); train() picks the faster one (utils.channels_last_is_faster),
             marked "default".
+  --amp-dtype float16 bfloat16 none times the project's path in each precision (default: the
+            device's default, float16 on CUDA and float32 on the CPU).
   --compile adds the default path through torch.compile (train(compile=True)), compiled
-            during the warm-up batches.
+            during the warm-up batches; --compile-mode MODE [MODE ...] adds one such row per
+            torch.compile mode ("reduce-overhead" adds CUDA graphs), in the first precision.
+  --json OUT writes the rows as JSON, rewritten after each row, so that a run stopped part
+            way keeps the rows it finished.
 
     python benchmarks/train_speed.py --data data/cifar10-jpeg            # CIFAR option
     python benchmarks/train_speed.py --data data/cifar10-jpeg --paper-strides
-The last line is "speedup: N.NNx": the project's default path over the tutorial's, in images/s.
+    python benchmarks/train_speed.py --data data/cifar10-jpeg --amp-dtype float16 bfloat16 none \
+        --compile-mode default max-autotune-no-cudagraphs reduce-overhead --json runs/speed.json
+The last line is "speedup: N.NNx": the project's default path (in the first precision) over
+the tutorial's, in images/s.
 """
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -79,12 +89,16 @@ def tutorial_steps(net, loader, optimizer, criterion, device, steps, warmup):
     return images_seen / (time.perf_counter() - start)
 
 
-def project_steps(net, loader, optimizer, criterion, device, steps, warmup, channels_last, compile=False):
-    """utils.train_one_epoch over ``warmup`` batches, then timed over ``steps`` batches."""
+def project_steps(net, loader, optimizer, criterion, device, steps, warmup, channels_last, amp_dtype,
+                  compile_mode=None):  # fmt: skip
+    """utils.train_one_epoch over ``warmup`` batches, then timed over ``steps`` batches.
+
+    compile_mode: a torch.compile mode, or None for eager. torch.compile is called here
+    rather than through utils.compiled, which takes no mode and hides a failed compile."""
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if compile:
-        net = utils.compiled(net)
-    amp_dtype = utils.autocast_dtype(device, None)
+    if compile_mode is not None:
+        torch.compiler.reset()  # each mode compiles from scratch, not on top of the previous one
+        net = torch.compile(net, mode=compile_mode)
     kwargs = {"amp_dtype": amp_dtype, "scaler": utils.grad_scaler(device, amp_dtype), "channels_last": channels_last,
               "progress": False}  # fmt: skip
     utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, device, **kwargs)
@@ -108,6 +122,27 @@ def synthetic_folder(root, per_class=300):
     return root
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": None}
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
+def precision_name(precision):
+    """How a row names one of AMP_DTYPES' keys."""
+    return "fp32" if precision == "none" else f"{precision} autocast"
+
+
+def layout_name(channels_last):
+    return "channels_last" if channels_last else "NCHW"
+
+
+def write_json(path, record):
+    """Write ``record`` whole or not at all: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(record, indent=2))
+    os.replace(part, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="image folder with train/ and test/ (default: a synthetic one)")
@@ -116,7 +151,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=utils.RECIPES["default"]["batch_size"])
     parser.add_argument("--paper-strides", action="store_true", help="the paper's network instead of the CIFAR option")
     parser.add_argument("--device")
+    parser.add_argument("--amp-dtype", nargs="+", choices=list(AMP_DTYPES),
+                        help="precisions of the project's path, the first one the default's (default: the device's)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time the default path through torch.compile")
+    parser.add_argument("--compile-mode", nargs="+", choices=COMPILE_MODES,
+                        help="one compiled row per torch.compile mode (implies --compile)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the rows to this JSON file as they are measured")
     args = parser.parse_args()
 
     device = utils.get_device(args.device)
@@ -152,32 +192,62 @@ def main():
         net = MobileNetV2(len(folder.classes), small_input=small_input).to(device)
         return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True), nn.CrossEntropyLoss()
 
-    print(f"MobileNetV2 ({'CIFAR option' if small_input else 'paper strides'}), batch {args.batch_size}, "
-          f"{steps} timed steps after {warmup} warm-up, {data}")  # fmt: skip
-    net, optimizer, criterion = fresh()
-    rows = [("tutorial: DataLoader, per-image transforms, fp32, NCHW",
-             tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))]  # fmt: skip
-    default_layout = utils.channels_last_is_faster(net, device)  # what train() would pick
-    amp_dtype = utils.autocast_dtype(device, None)
-    amp = f"{str(amp_dtype).removeprefix('torch.')} autocast" if amp_dtype else "fp32"
-    for channels_last in (False, True):
-        net, optimizer, criterion = fresh()
-        speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last)
-        layout = "channels_last" if channels_last else "NCHW"
-        default = " (default)" if channels_last == default_layout else ""
-        rows.append((f"project: in-memory batches, {amp}, {layout}{default}", speed))
-    speedup = rows[1 + default_layout][1] / rows[0][1]
-    if args.compile:
-        net, optimizer, criterion = fresh()
-        speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, default_layout, True)
-        rows.append(("project: the default path, torch.compile", speed))
+    device_default = next(name for name, dtype in AMP_DTYPES.items() if dtype == utils.autocast_dtype(device, None))
+    precisions = args.amp_dtype or [device_default]
+    compile_modes = args.compile_mode or (["default"] if args.compile else [])
+    network = "CIFAR option" if small_input else "paper strides"
+    print(f"MobileNetV2 ({network}), batch {args.batch_size}, {steps} timed steps after {warmup} warm-up, {data}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    record = {"device": device_name, "threads": torch.get_num_threads(), "network": network,
+              "batch_size": args.batch_size, "steps": steps, "warmup": warmup, "rows": []}  # fmt: skip
 
-    baseline = rows[0][1]
-    print(f"\n{'path':<62}{'images/s':>10}{'vs tutorial':>13}")
-    for name, speed in rows:
-        print(f"{name:<62}{speed:>10.1f}{speed / baseline:>12.2f}x")
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads)")  # fmt: skip
+    def add_row(path, speed, **details):
+        baseline = record["rows"][0]["images_per_s"] if record["rows"] else speed
+        vs_tutorial = speed / baseline if speed is not None else None
+        record["rows"].append({"path": path, "images_per_s": speed, "vs_tutorial": vs_tutorial, **details})
+        save()
+
+    def save():
+        if args.json:
+            write_json(args.json, record)
+
+    net, optimizer, criterion = fresh()
+    add_row("tutorial: DataLoader, per-image transforms, fp32, NCHW",
+            tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))  # fmt: skip
+    default_layout = utils.channels_last_is_faster(net, device)  # what train() would pick
+    for precision in precisions:
+        for channels_last in (False, True):
+            net, optimizer, criterion = fresh()
+            speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last,
+                                  AMP_DTYPES[precision])  # fmt: skip
+            layout = layout_name(channels_last)
+            default = channels_last == default_layout and precision == precisions[0]
+            add_row(f"project: in-memory batches, {precision_name(precision)}, {layout}{' (default)' if default else ''}",
+                    speed, amp_dtype=precision, layout=layout, default=default)  # fmt: skip
+    speedup = record["rows"][1 + default_layout]["vs_tutorial"]
+    record["speedup"] = speedup
+    save()
+    for mode in compile_modes:
+        path = f"project: the default path, torch.compile {mode}, {precision_name(precisions[0])}"
+        net, optimizer, criterion = fresh()
+        try:
+            speed = project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, default_layout,
+                                  AMP_DTYPES[precisions[0]], mode)  # fmt: skip
+        except Exception as error:  # a mode this machine cannot compile is a result too; the other rows stand
+            print(f"{path}: failed: {error!r}")
+            add_row(path, None, amp_dtype=precisions[0], layout=layout_name(default_layout), compile_mode=mode,
+                    error=repr(error))  # fmt: skip
+        else:
+            add_row(path, speed, amp_dtype=precisions[0], layout=layout_name(default_layout), compile_mode=mode)
+
+    width = max(62, *(len(row["path"]) + 2 for row in record["rows"]))
+    print(f"\n{'path':<{width}}{'images/s':>10}{'vs tutorial':>13}")
+    for row in record["rows"]:
+        if row["images_per_s"] is None:
+            print(f"{row['path']:<{width}}{'failed':>10}")
+        else:
+            print(f"{row['path']:<{width}}{row['images_per_s']:>10.1f}{row['vs_tutorial']:>12.2f}x")
+    print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads)")
     print(f"speedup: {speedup:.2f}x")
 
 

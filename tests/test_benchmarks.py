@@ -3,8 +3,12 @@
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 
 import pytest
 import torch
@@ -14,12 +18,13 @@ import utils
 ROOT = utils.ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import augment_cost  # noqa: E402
-
+import gpu_campaign  # noqa: E402
 import precision  # noqa: E402
+import train_speed  # noqa: E402
 
 
-def run_script(tmp_path, script, *args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run_script(tmp_path, script, *args, timeout=300, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
 
@@ -138,3 +143,76 @@ def test_augment_cost_prints_one_row_per_augmentation(tmp_path):
     assert [name for name, _, _ in rows] == list(augment_cost.SETTINGS)
     baseline = float(rows[0][1])  # the seconds are printed rounded to 1 ms: compare within 5 %
     assert all(float(ratio) == pytest.approx(float(seconds) / baseline, rel=0.05) for _, seconds, ratio in rows)
+
+
+def test_gpu_campaign_smoke_runs_every_phase_and_keeps_every_result(tmp_path):
+    out_dir, copied = tmp_path / "campaign", tmp_path / "out"
+    done = run_script(tmp_path, "gpu_campaign.py", "--smoke", "--out-dir", str(out_dir), env={"OUT": str(copied)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = list(gpu_campaign.EXPERIMENTS)[: gpu_campaign.SMOKE_EXPERIMENTS]
+    names = [gpu_campaign.job_name(line) for line in lines]
+    for name in names:
+        record = json.loads((out_dir / f"{name}.json").read_text())
+        assert len(record["history"]["val_acc"]) == 1  # the smoke run's --epochs 1 overrides the experiment's
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [e["name"] for e in summary["experiments"]] == names
+    for e in summary["experiments"]:
+        assert e["status"] == "ok" and e["epochs"] == 1
+        assert all(0 <= e[key] <= 100 for key in ("val_acc", "test_acc", "test_acc_flip_tta"))
+        assert 0 < e["train_seconds"] <= e["wall_seconds"]
+    table = done.stdout[done.stdout.index("## Accuracy") :]
+    for line in lines:
+        assert re.search(rf"\| `{re.escape(line)}` \| 1 \|.*\| ok \|", table)
+    assert [run["name"] for run in summary["speed"]] == list(gpu_campaign.SPEED_RUNS)
+    for run, line in zip(summary["speed"], gpu_campaign.SPEED_RUNS.values(), strict=True):
+        args = shlex.split(line)
+        compiled = len(args) - args.index("--compile-mode") - 1 if "--compile-mode" in args else 0
+        rows = run["record"]["rows"]
+        assert run["status"] == "ok" and run["record"] == json.loads((out_dir / f"{run['name']}.json").read_text())
+        assert [row["path"].split(":")[0] for row in rows] == ["tutorial"] + ["project"] * (6 + compiled)
+        assert all(row["images_per_s"] > 0 for row in rows)
+    with tarfile.open(copied / "campaign.tar.gz") as tar:
+        bundled = set(tar.getnames())
+    assert {f"campaign/{name}.json" for name in [*names, *gpu_campaign.SPEED_RUNS]} <= bundled
+    assert (copied / "summary.md").read_text() == (out_dir / "summary.md").read_text()
+
+
+def test_gpu_campaign_stops_what_runs_past_the_deadline_and_skips_what_cannot_finish(tmp_path):
+    python = [sys.executable, "-c"]
+    jobs = [
+        gpu_campaign.Job("quick", [*python, "print('done')"], 0, "quick"),
+        gpu_campaign.Job("broken", [*python, "raise SystemExit(3)"], 0, "broken"),
+        gpu_campaign.Job("sleeper", [*python, "import time; time.sleep(120)"], 0, "sleeper"),
+        gpu_campaign.Job("too-long", [*python, "pass"], 10**6, "too-long"),
+    ]
+    began, finished = time.monotonic(), []
+    gpu_campaign.run_jobs(jobs, 2, 5, tmp_path, lambda: time.monotonic() - began, on_finish=finished.append)
+    assert [job.status for job in jobs] == ["ok", "failed", "timed out", "not started"]
+    assert [job.returncode for job in jobs] == [0, 3, -signal.SIGKILL, None]
+    assert sorted(job.name for job in finished) == ["broken", "quick", "sleeper"]
+    assert (tmp_path / "quick.log").read_text().endswith("done\n")
+    assert not (tmp_path / "too-long.log").exists()
+    experiments = [gpu_campaign.experiment_result(job, jobs, tmp_path) for job in jobs]
+    # "quick" exited 0 but wrote no JSON record: as an experiment it failed.
+    assert [e["status"] for e in experiments] == ["failed", "failed", "timed out", "not started"]
+    markdown = gpu_campaign.summary_markdown(
+        {"speed": [], "experiments": experiments, "elapsed_s": 5.0, "budget_s": 5.0}
+    )
+    assert re.search(r"\| `sleeper` \|.*\| timed out \|", markdown)
+    assert re.search(r"\| `too-long` \|.*\| not started \|", markdown)
+
+
+def test_gpu_campaign_extracts_the_archive_once_and_decodes_it(tmp_path):
+    folder = train_speed.synthetic_folder(tmp_path / "made" / "tiny-jpeg", per_class=2)
+    archive = tmp_path / "tiny-jpeg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="tiny-jpeg")
+    data = tmp_path / "data" / "tiny-jpeg"
+    gpu_campaign.prepare_data(data, archive, root=tmp_path)
+    images, labels, classes = utils.load_split(data, "train", root=tmp_path)
+    assert len(images) == len(labels) == 20 and len(classes) == 10
+    assert len(list((tmp_path / "cache").glob("tiny-jpeg-*.pt"))) == 2  # train and test, decoded once
+    archive.unlink()
+    gpu_campaign.prepare_data(data, archive, root=tmp_path)  # the folder is there: no archive needed
+    with pytest.raises(SystemExit, match="neither the folder"):
+        gpu_campaign.prepare_data(tmp_path / "data" / "other", archive, root=tmp_path)
