@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--resume", action="store_true", help="continue from model/<run>_last.pth")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the model (worth it on GPUs); MODE: reduce-overhead (CUDA graphs), "
+                   "max-autotune-no-cudagraphs, ...")  # fmt: skip
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
     p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast to this type instead (implies --amp)")

@@ -157,7 +157,7 @@ def prepare_model(net, device=None, *, channels_last=None, sync_batchnorm=False,
         elif device.type == "cuda" and torch.cuda.device_count() > 1:
             net = nn.DataParallel(net)
     if compile and not hasattr(net, "_orig_mod"):
-        net = compiled(net)
+        net = compiled(net, mode=None if compile is True else compile)
     return net
 
 
@@ -165,11 +165,11 @@ class CompiledModel(nn.Module):
     """``torch.compile(module)`` that runs ``module`` eagerly, after one warning, if compiling
     fails. Its state_dict is the module's own, under ``_orig_mod.`` as torch.compile's is."""
 
-    def __init__(self, module):
+    def __init__(self, module, mode=None):
         super().__init__()
         self._orig_mod = module
         # Kept out of the module tree, so that parameters and state_dict are not listed twice.
-        self.__dict__["_compiled"] = torch.compile(module)
+        self.__dict__["_compiled"] = torch.compile(module, mode=mode)
 
     def forward(self, *args, **kwargs):
         if self._compiled is not None:
@@ -181,15 +181,16 @@ class CompiledModel(nn.Module):
         return self._orig_mod(*args, **kwargs)
 
 
-def compiled(model):
-    """``model`` through torch.compile (CompiledModel), or ``model`` itself with a warning
+def compiled(model, mode=None):
+    """``model`` through torch.compile (CompiledModel) in ``mode`` (None, "reduce-overhead"
+    for CUDA graphs, "max-autotune-no-cudagraphs", ...), or ``model`` itself with a warning
     where compiling is not supported."""
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         warnings.warn("torch.compile is not supported here; training without it.", stacklevel=2)
         return model
-    return CompiledModel(model)
+    return CompiledModel(model, mode)
 
 
 def _all_reduce_sum(tensor):
@@ -902,7 +903,11 @@ def make_optimizer(net, recipe):
         {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0},
     ]
     groups = [group for group in groups if group["params"]]
-    return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"])
+    # On CUDA the fused kernel updates every weight in one launch, and lets a GradScaler
+    # skip its per-step read of the overflow flag from the GPU.
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"],
+                           fused=fused or None)  # fmt: skip
 
 
 def make_scheduler(optimizer, recipe, epochs, steps_per_epoch):
@@ -1029,6 +1034,16 @@ def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, sc
         checkpoint["rng"] = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
         checkpoint["ema_updates"] = int(ema_model.n_averaged) if ema_model is not None else 0
     return checkpoint
+
+
+def release_checkpoint(checkpoint, dtype=torch.float16):
+    """A checkpoint to give away: the weights that predict (the average, with EMA) in
+    ``dtype``, half the size in float16, with the metadata, without the training state."""
+    kept = ("format", "arch", "model_config", "classes", "mean", "std", "epochs", "epoch", "history", "metrics",
+            "best_val_acc", "weights")  # fmt: skip
+    key = "ema_model" if checkpoint.get("weights") == "ema" else "model"
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint[key].items()}
+    return {"model": None, "ema_model": None, **{k: checkpoint.get(k) for k in kept}, key: weights}
 
 
 def save_checkpoints(save_path, model, data, epochs, history, best_val_acc, optimizer, scheduler, scaler, ema_model):
@@ -1487,7 +1502,8 @@ def train(net, trainloader, testloader, epoch, optimizer, criterion, scheduler=N
                     CPU; True/False; or the dtype by name, "float16" or "bfloat16";
       channels_last memory format; default: whichever channels_last_is_faster() says;
       compile       run the model through torch.compile (slow to start, then faster on GPUs;
-                    slower on the CPU, measured); falls back to eager, with a warning;
+                    slower on the CPU, measured): True, or a mode such as "reduce-overhead"
+                    (CUDA graphs); falls back to eager, with a warning;
       data          classes, mean and std for the checkpoints (data_info), when the loader
                     does not tell them;
       ema           a weight_average(net, decay) to update every EMA_EVERY batches and validate

@@ -25,19 +25,27 @@ import precision  # noqa: E402
 import train  # noqa: E402
 
 PAPER_10 = ["--no-small-input", "--epochs", "10"]
+CIFAR_10 = ["--small-input", "--epochs", "10"]
+# The accuracy ingredients, added one at a time to the default recipe: "<name>-paper-10" on
+# the paper's network (short enough for a CPU), "<name>-cifar-10" on the CIFAR option. Each
+# run also reports the recipe without the average: it is validated beside the weights.
+INGREDIENTS = {
+    "ema": ["--ema", "0.98"],
+    "ema-nodwd": ["--ema", "0.98", "--no-decay-depthwise"],
+    "strong": ["--ema", "0.98", "--no-decay-depthwise", "--trivial-augment", "--cutout", "12"],
+}
 EXPERIMENTS = {
     # The tutorial: its recipe on its network (the paper's strides), 10 epochs.
     "tutorial-paper-10": ["--recipe", "tutorial", *PAPER_10],
-    # This project's recipe on the same network.
+    # This project's recipe on the same network, and on the CIFAR option.
     "default-paper-10": ["--recipe", "default", *PAPER_10],
-    # This project's recipe on the CIFAR option.
-    "default-cifar-10": ["--recipe", "default", "--small-input", "--epochs", "10"],
+    "default-cifar-10": ["--recipe", "default", *CIFAR_10],
     "default-cifar-long": ["--recipe", "default", "--small-input", "--epochs", "60"],
-    # The accuracy ingredients added one by one on the paper's network (short enough for a
-    # CPU). Each also reports the plain recipe's figure: the average is validated beside it.
-    "ema-paper-10": ["--recipe", "default", *PAPER_10, "--ema", "0.98"],
-    "ema-nodwd-paper-10": ["--recipe", "default", *PAPER_10, "--ema", "0.98", "--no-decay-depthwise"],
-    "strong-paper-10": ["--recipe", "long", *PAPER_10, "--ema", "0.98"],
+    **{
+        f"{name}-{network}-10": ["--recipe", "default", *layout, *options]
+        for name, options in INGREDIENTS.items()
+        for network, layout in (("paper", PAPER_10), ("cifar", CIFAR_10))
+    },
     # The long recipe on the CIFAR option; "-all" trains on all 50,000 images (no validation).
     "long-cifar-100": ["--recipe", "long", "--small-input", "--epochs", "100"],
     "long-cifar-100-all": ["--recipe", "long", "--small-input", "--epochs", "100", "--val-size", "0"],

@@ -175,6 +175,17 @@ def test_gpu_campaign_smoke_runs_every_phase_and_keeps_every_result(tmp_path):
         bundled = set(tar.getnames())
     assert {f"campaign/{name}.json" for name in [*names, *gpu_campaign.SPEED_RUNS]} <= bundled
     assert (copied / "summary.md").read_text() == (out_dir / "summary.md").read_text()
+    # The weights to ship: the best experiment's final weights (the average, with EMA), float16.
+    shipped = utils.load_checkpoint(copied / "mobilenetv2-cifar10.pth")
+    best = max(summary["experiments"], key=lambda e: max(e["test_acc"], e.get("ema_test_acc", 0)))
+    last = utils.load_checkpoint(out_dir / "model" / f"{best['name']}_last.pth")
+    weights = "ema_model" if last["weights"] == "ema" else "model"
+    assert shipped["weights"] == last["weights"] and "optimizer" not in shipped
+    assert all(v.dtype == torch.float16 for v in shipped[weights].values() if v.is_floating_point())
+    torch.testing.assert_close(shipped[weights], {k: v.half() if v.is_floating_point() else v
+                                                  for k, v in last[weights].items()})  # fmt: skip
+    net, _ = utils.load_model(copied / "mobilenetv2-cifar10.pth", device="cpu")
+    assert next(net.parameters()).dtype == torch.float32  # loaded into a float32 network
 
 
 def test_gpu_campaign_stops_what_runs_past_the_deadline_and_skips_what_cannot_finish(tmp_path):
