@@ -317,7 +317,12 @@ def test_user_folder_01_splits_ten_percent_and_shows_text_progress(user_run):
 
 @pytest.mark.slow
 def test_user_folder_trains_tests_and_predicts(user_run):
-    assert "Epoch [  1/  1]" in outputs_text(ran(user_run, "03_training"))
+    training = ran(user_run, "03_training")
+    assert "Epoch [  1/  1]" in outputs_text(training)
+    # The training bars are text under papermill too, with their rate and time left.
+    assert re.search(r"Train Epoch 1/1: 100%\|.*\| \d+/\d+ \[.*(it/s|s/it)", outputs_text(training))
+    outputs = [output for cell in code_cells(training) for output in cell.outputs]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert "Accuracy of the network on the 22 test images:" in outputs_text(ran(user_run, "04_testing"))
     table = outputs_text(ran(user_run, "05_prediction"))
     test_dir = user_run["folder"] / "test"

@@ -1,6 +1,7 @@
 """train / evaluate / checkpoints on synthetic data and tiny models."""
 
 import contextlib
+import itertools
 import math
 import re
 
@@ -431,8 +432,8 @@ def test_a_failed_compile_warns_once_and_trains_eagerly(loaders, monkeypatch):
 # Accuracy ingredients: weight averaging, multi-view TTA, weight-decay groups, recipes
 
 
-def test_weight_average_follows_its_formula_buffers_included():
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+def test_weight_average_follows_its_formula_and_gets_batchnorm_statistics_of_its_own():
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     average = utils.weight_average(net, 0.9)
     start = net[0].weight.detach().clone()
     average.update_parameters(net)  # the first update copies
@@ -441,7 +442,20 @@ def test_weight_average_follows_its_formula_buffers_included():
         net[1].running_mean.fill_(2.0)
     average.update_parameters(net)
     torch.testing.assert_close(average.module[0].weight, 0.9 * start + 0.1 * (start + 1))
-    torch.testing.assert_close(average.module[1].running_mean, torch.full((2,), 0.2))
+    assert torch.equal(average.module[1].running_mean, torch.full((2,), 2.0))  # copied, not averaged
+
+    images = torch.randn(64, 3, 4, 4) * 3 + 1
+    loader = utils.InMemoryLoader((images * 20 + 100).clamp(0, 255).to(torch.uint8), torch.zeros(64, dtype=torch.int64),
+                                  16, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, augment=True)  # fmt: skip
+    loader.set_epoch(5)
+    rng = torch.get_rng_state()
+    utils.refresh_batchnorm(average.module, loader, torch.device("cpu"), batches=4)
+    assert loader.epoch == 5 and torch.equal(rng, torch.get_rng_state())  # training goes on as without
+    inputs = torch.cat([x for x, _ in itertools.islice(iter(loader), 4)])
+    with torch.no_grad():
+        expected = average.module[0](inputs).mean((0, 2, 3))
+    torch.testing.assert_close(average.module[1].running_mean, expected)
+    assert not average.module.training or average.training  # left in the mode it was in
 
 
 @pytest.fixture(scope="module")
