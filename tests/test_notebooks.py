@@ -243,7 +243,8 @@ def test_04_testing_runs_and_saves_figures(executed):
     text = outputs_text(ran(executed, "04_testing"))
     assert "Accuracy of the network on the 200 test images:" in text
     assert "Accuracy of class_0 :" in text
-    assert "Accuracy with flip test-time augmentation:" in text
+    assert re.search(r"with flip TTA \(2 views\): +\d+\.\d\d %", text)
+    assert re.search(r"with flip-translate TTA \(6 views\): +\d+\.\d\d %", text)
     log_dir = utils.LOG_DIR / executed["run_name"]
     for png in ("per_class_accuracy.png", "confusion_matrix.png", "test_predictions.png"):
         assert (log_dir / png).stat().st_size > 0
