@@ -32,7 +32,7 @@ CIFAR_10 = ["--small-input", "--epochs", "10"]
 INGREDIENTS = {
     "ema": ["--ema", "0.98"],
     "ema-nodwd": ["--ema", "0.98", "--no-decay-depthwise"],
-    "strong": ["--ema", "0.98", "--no-decay-depthwise", "--trivial-augment", "--cutout", "12"],
+    "strong": ["--ema", "0.98", "--trivial-augment", "--cutout", "12"],
 }
 EXPERIMENTS = {
     # The tutorial: its recipe on its network (the paper's strides), 10 epochs.
