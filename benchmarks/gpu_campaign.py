@@ -215,13 +215,19 @@ def experiment_result(job, jobs, out_dir):
     return result
 
 
+def validation_accuracy(result):
+    """The final validation accuracy of the weights that predict (the average, with EMA)."""
+    return result["ema_val_acc"] if result.get("ema_val_acc") is not None else result["val_acc"]
+
+
 def ship_weights(summary, out_dir, path):
-    """The final weights of the experiment with the best test accuracy, as the float16
-    checkpoint that the project ships (utils.release_checkpoint), at ``path``; its name."""
-    done = [e for e in summary["experiments"] if e["status"] == "ok" and e.get("test_acc") is not None]
+    """The final weights of the experiment with the best validation accuracy (never chosen on
+    the test set), as the float16 checkpoint that the project ships (utils.release_checkpoint),
+    at ``path``; its name."""
+    done = [e for e in summary["experiments"] if e["status"] == "ok" and e.get("val_acc") is not None]
     if not done:
         return None
-    best = max(done, key=lambda e: max(e["test_acc"], e.get("ema_test_acc", 0)))
+    best = max(done, key=validation_accuracy)
     checkpoint = utils.load_checkpoint(out_dir / "model" / f"{best['name']}_last.pth")
     utils.atomic_save(utils.release_checkpoint(checkpoint), path)
     return best["experiment"]

@@ -177,7 +177,7 @@ def test_gpu_campaign_smoke_runs_every_phase_and_keeps_every_result(tmp_path):
     assert (copied / "summary.md").read_text() == (out_dir / "summary.md").read_text()
     # The weights to ship: the best experiment's final weights (the average, with EMA), float16.
     shipped = utils.load_checkpoint(copied / "mobilenetv2-cifar10.pth")
-    best = max(summary["experiments"], key=lambda e: max(e["test_acc"], e.get("ema_test_acc", 0)))
+    best = max(summary["experiments"], key=gpu_campaign.validation_accuracy)  # chosen on validation, not test
     last = utils.load_checkpoint(out_dir / "model" / f"{best['name']}_last.pth")
     weights = "ema_model" if last["weights"] == "ema" else "model"
     assert shipped["weights"] == last["weights"] and "optimizer" not in shipped
