@@ -31,6 +31,7 @@ SETTINGS = {
 def seconds_per_epoch(images, labels, device, batch_size, **augmentation):
     loader = utils.InMemoryLoader(images, labels, batch_size, (0.5,) * 3, (0.25,) * 3, shuffle=True,
                                   drop_last=True, device=device, **augmentation)  # fmt: skip
+    next(iter(loader))  # warm-up: the first batch imports torchvision and allocates
     start = time.perf_counter()
     for _ in loader:
         pass
