@@ -37,8 +37,11 @@ def test_train_speed_prints_a_table_and_ends_with_the_speedup(tmp_path):
     rows = [re.fullmatch(r"((?:tutorial|project): .*?)\s+([\d.]+)\s+([\d.]+)x", line) for line in lines]
     rows = [row.groups() for row in rows if row]
     assert [name.split(":")[0] for name, _, _ in rows] == ["tutorial", "project", "project"]
+    # images/s are printed to 0.1 and ratios to 0.01: each ratio lies within what that rounding allows.
     baseline = float(rows[0][1])
-    assert all(float(ratio) == pytest.approx(float(speed) / baseline, abs=0.006) for _, speed, ratio in rows)
+    for _, speed, ratio in rows:
+        low, high = (float(speed) - 0.05) / (baseline + 0.05), (float(speed) + 0.05) / max(baseline - 0.05, 1e-9)
+        assert low - 0.005 <= float(ratio) <= high + 0.005
     defaults = [ratio for name, _, ratio in rows if name.endswith("(default)")]
     assert len(defaults) == 1
     assert lines[-1] == f"speedup: {defaults[0]}x"
