@@ -10,6 +10,7 @@ The second loader given to ``train`` is the *validation* loader: it picks the be
 checkpoint and drives ReduceLROnPlateau. The test set is left for the testing notebook.
 """
 
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -949,12 +950,25 @@ class CheckpointError(ValueError):
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, then rename it over ``path``: a
     crash or Ctrl-C mid-write leaves the previous file whole."""
+    with _replacing(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write(path, data):
+    """``data`` (bytes or text) written to ``path`` whole or not at all, as atomic_save writes."""
+    with _replacing(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def _replacing(path):
+    """A binary file to write, renamed over ``path`` once written; removed if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1038,12 +1052,18 @@ def make_checkpoint(net, data, epochs, history, best_val_acc, optimizer=None, sc
     return checkpoint
 
 
+def predicting_weights(checkpoint):
+    """The key of the state_dict that predicts: "ema_model" for a run with a weight average
+    (its "weights" says "ema"), else "model"."""
+    return "ema_model" if checkpoint.get("weights") == "ema" else "model"
+
+
 def release_checkpoint(checkpoint, dtype=torch.float16):
     """A checkpoint to give away: the weights that predict (the average, with EMA) in
     ``dtype``, half the size in float16, with the metadata, without the training state."""
     kept = ("format", "arch", "model_config", "classes", "mean", "std", "epochs", "epoch", "history", "metrics",
             "best_val_acc", "weights")  # fmt: skip
-    key = "ema_model" if checkpoint.get("weights") == "ema" else "model"
+    key = predicting_weights(checkpoint)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint[key].items()}
     return {"model": None, "ema_model": None, **{k: checkpoint.get(k) for k in kept}, key: weights}
 
@@ -1142,7 +1162,7 @@ def load_model(path, device=None, num_classes=None):
         raise CheckpointError(f"{path} was trained for {config['num_classes']} classes, not {num_classes}.")
     net = MobileNetV2(**config)
     try:
-        net.load_state_dict(checkpoint["ema_model" if checkpoint.get("weights") == "ema" else "model"])
+        net.load_state_dict(checkpoint[predicting_weights(checkpoint)])
     except RuntimeError as error:
         raise CheckpointError(f"{path}: the weights do not fit MobileNetV2({config}): {error}") from error
     net = net.to(get_device(device, verbose=False)).eval()

@@ -285,12 +285,6 @@ def bundle(out_dir):
     return buffer.getvalue()
 
 
-def write_atomically(path, data):
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(part, path)
-
-
 def speed_job(name, line, data, out_dir, options):
     """A train_speed.py run of SPEED_RUNS, writing <out_dir>/<name>.json."""
     data_option = [] if data == "synthetic" else ["--data", str(data)]  # without, it makes a synthetic folder
@@ -363,13 +357,11 @@ def main(argv=None):
                    "speed": [speed_result(job, out_dir) for job in speed_jobs],
                    "experiments": [experiment_result(job, accuracy_jobs, out_dir) for job in accuracy_jobs]}  # fmt: skip
         markdown = summary_markdown(summary)
-        write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2))
-        write_atomically(out_dir / "summary.md", markdown)
+        for folder in [out_dir] if copy_to is None else [out_dir, copy_to]:
+            utils.atomic_write(folder / "summary.json", json.dumps(summary, indent=2))
+            utils.atomic_write(folder / "summary.md", markdown)
         if copy_to is not None:
-            copy_to.mkdir(parents=True, exist_ok=True)
-            write_atomically(copy_to / "summary.json", json.dumps(summary, indent=2))
-            write_atomically(copy_to / "summary.md", markdown)
-            write_atomically(copy_to / "campaign.tar.gz", bundle(out_dir))
+            utils.atomic_write(copy_to / "campaign.tar.gz", bundle(out_dir))
         return summary, markdown
 
     def finished(job):

@@ -29,7 +29,6 @@ the tutorial's, in images/s.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -135,14 +134,6 @@ def layout_name(channels_last):
     return "channels_last" if channels_last else "NCHW"
 
 
-def write_json(path, record):
-    """Write ``record`` whole or not at all: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(record, indent=2))
-    os.replace(part, path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="image folder with train/ and test/ (default: a synthetic one)")
@@ -209,7 +200,7 @@ def main():
 
     def save():
         if args.json:
-            write_json(args.json, record)
+            utils.atomic_write(args.json, json.dumps(record, indent=2))  # never half a file
 
     net, optimizer, criterion = fresh()
     add_row("tutorial: DataLoader, per-image transforms, fp32, NCHW",
