@@ -41,7 +41,9 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_channel, out_channel, kernel_size, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channel),
-            nn.ReLU6(inplace=True),
+            # Out of place: faster on the CPU (benchmarks/README.md); no parameters, so the
+            # state_dict is torchvision's either way.
+            nn.ReLU6(inplace=False),
         )
 
 

@@ -31,20 +31,30 @@ def run_script(tmp_path, script, *args, timeout=300, env=None):
 
 def test_train_speed_prints_a_table_and_ends_with_the_speedup(tmp_path):
     done = run_script(tmp_path, "train_speed.py", "--steps", "1", "--warmup", "1", "--batch-size", "16",
-                      "--device", "cpu")  # fmt: skip
+                      "--device", "cpu", "--json", "speed.json")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    rows = [re.fullmatch(r"((?:tutorial|project): .*?)\s+([\d.]+)\s+([\d.]+)x", line) for line in lines]
+    rows = [
+        re.fullmatch(r"((?:tutorial|project|allocator): .*?)\s+([\d.]+)\s+([\d.]+)x\s+(\d+)", line) for line in lines
+    ]
     rows = [row.groups() for row in rows if row]
-    assert [name.split(":")[0] for name, _, _ in rows] == ["tutorial", "project", "project"]
+    assert [name.split(":")[0] for name, *_ in rows] == ["tutorial", "project", "project", "allocator"]
     # images/s are printed to 0.1 and ratios to 0.01: each ratio lies within what that rounding allows.
     baseline = float(rows[0][1])
-    for _, speed, ratio in rows:
+    for _, speed, ratio, _ in rows:
         low, high = (float(speed) - 0.05) / (baseline + 0.05), (float(speed) + 0.05) / max(baseline - 0.05, 1e-9)
         assert low - 0.005 <= float(ratio) <= high + 0.005
-    defaults = [ratio for name, _, ratio in rows if name.endswith("(default)")]
+    defaults = [ratio for name, _, ratio, _ in rows if name.endswith("(default)")]
     assert len(defaults) == 1
     assert lines[-1] == f"speedup: {defaults[0]}x"
+    # Each row ran in a process of its own: the tutorial's and the allocator row with glibc's
+    # defaults, the project's rows with freed memory kept; the allocator ratio is default over glibc.
+    record = json.loads((tmp_path / "speed.json").read_text())
+    assert [row["keeps_freed_memory"] for row in record["rows"]] == [False, True, True, False]
+    assert all(row["peak_rss_mb"] > 100 for row in record["rows"])
+    default = next(row for row in record["rows"] if row.get("default"))
+    assert record["allocator_speedup"] == pytest.approx(default["images_per_s"] / record["rows"][-1]["images_per_s"])
+    assert lines[-2] == f"allocator fix: {record['allocator_speedup']:.2f}x"
 
 
 @pytest.fixture(scope="module")
