@@ -36,7 +36,7 @@ test: lint
 # The data is checked first: without a network, or with a misnamed folder, one line says
 # what is wrong and what to do, before any notebook starts.
 run: setup
-	@$(BIN)/python -c 'import sys, utils; sys.exit(utils.data_source_problem(sys.argv[1]))' "$(DATA)"
+	@$(BIN)/python -c 'import sys, images; sys.exit(images.data_source_problem(sys.argv[1]))' "$(DATA)"
 	mkdir -p runs
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; \

@@ -22,6 +22,8 @@ import onnx
 import torch
 from torch import nn
 
+import checkpoints
+import images
 import utils
 
 
@@ -64,7 +66,7 @@ def _cpu_copy_and_example(net):
     """A CPU copy in eval mode, an example batch and its dynamic batch dimension."""
     net = copy.deepcopy(net).cpu().eval()
     # Two images, not one: an example of size 1 would fix the batch size at 1.
-    example = torch.zeros(2, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE)
+    example = torch.zeros(2, 3, images.IMAGE_SIZE, images.IMAGE_SIZE)
     return net, example, ({0: torch.export.Dim("batch")},)
 
 
@@ -127,11 +129,11 @@ def quantize_onnx(onnx_path, int8_path, calibration_images, batch_size=32, reduc
 
 
 def calibration_batch(source, checkpoint, count=512, seed=0):
-    """``count`` training images of a data source (see utils.load_split), drawn at random and
+    """``count`` training images of a data source (see images.load_split), drawn at random and
     normalised with the checkpoint's mean and std, for quantize_onnx."""
-    images, _, _ = utils.load_split(source, "train")
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    return utils.normalize(images[chosen], checkpoint["mean"], checkpoint["std"])
+    pictures, _, _ = images.load_split(source, "train")
+    chosen = torch.randperm(len(pictures), generator=torch.Generator().manual_seed(seed))[:count]
+    return utils.normalize(pictures[chosen], checkpoint["mean"], checkpoint["std"])
 
 
 def main(argv=None):
@@ -140,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--onnx", help="write an ONNX file here")
     parser.add_argument("--pt2", help="write a torch.export program here")
     parser.add_argument("--int8", help="also write an int8 ONNX file here (needs --onnx)")
-    parser.add_argument("--calibration-data", default="cifar10", help="training images for --int8 (utils.load_split)")
+    parser.add_argument("--calibration-data", default="cifar10", help="training images for --int8 (images.load_split)")
     parser.add_argument("--calibration-size", type=int, default=512, help="images to calibrate --int8 on")
     parser.add_argument("--keep-batchnorm", action="store_true", help="export BatchNorm layers unfolded")
     args = parser.parse_args(argv)
@@ -150,8 +152,8 @@ def main(argv=None):
         parser.error("--int8 quantises the ONNX file: give --onnx too")
 
     try:
-        net, checkpoint = utils.load_model(args.checkpoint, device="cpu")
-    except (FileNotFoundError, utils.CheckpointError) as error:
+        net, checkpoint = checkpoints.load_model(args.checkpoint, device="cpu")
+    except (FileNotFoundError, checkpoints.CheckpointError) as error:
         sys.exit(f"error: {error}")
     if not args.keep_batchnorm:
         net = fold_batchnorm(net)

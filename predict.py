@@ -6,15 +6,15 @@ From the command line; each INPUT is an image file, a folder of images or an htt
 
 From Python:
 
-    net, checkpoint = utils.load_model("model/mobilenetv2.pth")
+    net, checkpoint = checkpoints.load_model("model/mobilenetv2.pth")
     predict(net, "cat.jpg", checkpoint)
     # {"input": "cat.jpg", "top": [{"class": "cat", "index": 3, "prob": 0.91}, ...]}
 
 An input is a file path, a URL, a PIL image or a NumPy array. Every kind of image becomes
-RGB as the images of a training folder do (utils.decode_image and utils.to_rgb): EXIF
+RGB as the images of a training folder do (images.decode_image and images.to_rgb): EXIF
 orientation applied, first frame of an animation, 16-bit scaled to 8-bit, and transparent
 pixels laid over a white background. The network then sees what it was trained on: the image
-resized to 32x32 (utils.image_pixels) and normalised with the checkpoint's mean and std.
+resized to 32x32 (images.image_pixels) and normalised with the checkpoint's mean and std.
 """
 
 import argparse
@@ -29,8 +29,10 @@ import torch
 import urllib3
 from PIL import Image
 
-import utils
-from utils import ImageError, image_files  # used here, and by callers as predict.ImageError, predict.image_files
+import checkpoints
+import images
+from images import ImageError
+from utils import normalize
 
 
 def describe(source):
@@ -53,23 +55,23 @@ def load_image(source, timeout=10.0, max_bytes=20_000_000):
                (H x W grayscale, or H x W x C with C = 1, 3 or 4; uint8, or floats in [0, 1]).
     timeout:   for a URL, about the most seconds the whole download may take.
     max_bytes: for a URL, the largest body accepted; a larger one is stopped mid-download.
-    Every kind becomes RGB as training images do (utils.decode_image, utils.to_rgb): turned
+    Every kind becomes RGB as training images do (images.decode_image, images.to_rgb): turned
     upright by its EXIF orientation, the first frame of an animation, 16-bit values scaled to
-    8 bits, transparent pixels over white. Files of more than utils.MAX_PIXELS pixels are
+    8 bits, transparent pixels over white. Files of more than images.MAX_PIXELS pixels are
     refused before they are decoded.
     Raises FileNotFoundError for a missing file and ImageError (a ValueError) for anything
     that is not a readable image; both name the input.
     """
     name = describe(source)
     if isinstance(source, Image.Image):
-        return utils.to_rgb(source, name)
+        return images.to_rgb(source, name)
     if isinstance(source, np.ndarray):
-        return utils.to_rgb(_array_to_image(source, name), name)
+        return images.to_rgb(_array_to_image(source, name), name)
     if is_url(source):
-        return utils.decode_image(io.BytesIO(_download(source, timeout, max_bytes)), name)
+        return images.decode_image(io.BytesIO(_download(source, timeout, max_bytes)), name)
     if not Path(source).is_file():
         raise FileNotFoundError(f"No image file at {name}.")
-    return utils.decode_image(source, name)
+    return images.decode_image(source, name)
 
 
 def _download(url, timeout, max_bytes):
@@ -124,14 +126,14 @@ def _array_to_image(array, name):
     return Image.fromarray(array.astype(np.uint8))
 
 
-def preprocess(images, mean, std, size=utils.IMAGE_SIZE):
+def preprocess(pictures, mean, std, size=images.IMAGE_SIZE):
     """PIL images (one or a list, as load_image returns them) to a normalised float tensor
-    (N, 3, size, size): resized by utils.image_pixels, as the images of a data folder are
+    (N, 3, size, size): resized by images.image_pixels, as the images of a data folder are
     before training, then normalised with ``mean`` and ``std``."""
-    if isinstance(images, Image.Image):
-        images = [images]
-    pixels = np.stack([utils.image_pixels(image, size) for image in images])
-    return utils.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), mean, std)
+    if isinstance(pictures, Image.Image):
+        pictures = [pictures]
+    pixels = np.stack([images.image_pixels(picture, size) for picture in pictures])
+    return normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2), mean, std)
 
 
 def predict(net, inputs, checkpoint, topk=3, batch_size=256, device=None):
@@ -188,9 +190,9 @@ def plot_prediction(image, result):
 
 
 def predict_folder(net, folder, checkpoint, topk=3, batch_size=256, device=None):
-    """predict() on every image file of a folder and its sub-folders (utils.image_files: hidden
+    """predict() on every image file of a folder and its sub-folders (images.image_files: hidden
     files left out), in sorted order; a list of entries."""
-    return predict(net, [str(p) for p in image_files(folder)], checkpoint, topk, batch_size, device)
+    return predict(net, [str(p) for p in images.image_files(folder)], checkpoint, topk, batch_size, device)
 
 
 def format_table(results):
@@ -216,13 +218,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        net, checkpoint = utils.load_model(args.checkpoint, device=args.device)
-    except (FileNotFoundError, utils.CheckpointError) as error:
+        net, checkpoint = checkpoints.load_model(args.checkpoint, device=args.device)
+    except (FileNotFoundError, checkpoints.CheckpointError) as error:
         sys.exit(f"error: {error}")
     sources = []
     for source in args.inputs:
         if not is_url(source) and Path(source).is_dir():
-            sources += [str(p) for p in image_files(source)]
+            sources += [str(p) for p in images.image_files(source)]
         else:
             sources.append(source)
     results = predict(net, sources, checkpoint, topk=args.topk)

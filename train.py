@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
+import runtime
 import utils
 from model import MobileNetV2
 
@@ -39,8 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop and flip")
     p.add_argument("--trivial-augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--cutout", type=int, help="side of the Cutout square in pixels, 0 for none")
-    p.add_argument("--decay-depthwise", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight decay on the depthwise filters too")  # fmt: skip
     p.add_argument("--ema", type=float, help="decay of the weight average, 0 for none")
     p.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=True,
                    help="the CIFAR option: stride 1 stem, 4x4 final map (default); --no-small-input is the paper's")  # fmt: skip
@@ -60,8 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 autocast (default: on for CUDA, off on the CPU)")  # fmt: skip
     p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast to this type instead (implies --amp)")
-    p.add_argument("--no-fast-loader", dest="fast_loader", action="store_false",
-                   help="a torch DataLoader with per-image transforms instead of the in-memory loader")  # fmt: skip
     p.add_argument("--metrics-out", type=Path, help="write the histories, times and test results as JSON")
     return p.parse_args(argv)
 
@@ -78,10 +75,10 @@ def weights_agree_across_ranks(net):
 TTA_KEYS = {None: "test_acc", "flip": "test_acc_flip_tta", "flip-translate": "test_acc_flip_translate_tta"}
 
 
-def accuracy_on_test(net, loader, device, amp):
+def accuracy_on_test(net, loader, amp):
     """Test accuracy (%) without and with each test-time augmentation, by record key, and
     the plain evaluation (per class, confusion matrix)."""
-    results = {tta: utils.evaluate(net, loader, device=device, amp=amp, tta=tta) for tta in TTA_KEYS}
+    results = {tta: utils.evaluate(net, loader, amp=amp, tta=tta) for tta in TTA_KEYS}
     return {key: results[tta]["acc"] for tta, key in TTA_KEYS.items()}, results[None]
 
 
@@ -94,7 +91,7 @@ def describe_accuracy(accuracies):
 def process_group(device):
     """torchrun's process group for the whole run, NCCL on CUDA and gloo on the CPU, torn
     down at its end; nothing in a plain process."""
-    if utils.distributed_env()[1] == 1:
+    if runtime.distributed_env()[1] == 1:
         yield
         return
     if device.type == "cuda":
@@ -130,13 +127,12 @@ def run(args, device, adapt_network, extra):
         augment=args.augment,
         trivial_augment=args.trivial_augment,
         cutout=args.cutout,
-        decay_depthwise=args.decay_depthwise,
         ema=args.ema,
     )
     val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
     trainloader, valloader, testloader, classes = utils.get_loaders(
         args.data, batch_size=recipe["batch_size"], val_size=val_size, augment=recipe["augment"],
-        trivial_augment=recipe["trivial_augment"], cutout=recipe["cutout"], fast=args.fast_loader, device=device,
+        trivial_augment=recipe["trivial_augment"], cutout=recipe["cutout"], device=device,
         seed=args.seed,
     )  # fmt: skip
     net = MobileNetV2(len(classes), alpha=args.alpha, small_input=args.small_input, dropout=args.dropout)
@@ -147,7 +143,7 @@ def run(args, device, adapt_network, extra):
     optimizer = utils.make_optimizer(net, recipe)
     scheduler = utils.make_scheduler(optimizer, recipe, args.epochs, len(trainloader))
     ema = utils.weight_average(net, recipe["ema"]) if recipe["ema"] else None
-    main_process = utils.is_main_process()
+    main_process = runtime.is_main_process()
     amp = args.amp_dtype or args.amp
     tbwriter = SummaryWriter(args.log_dir / args.run_name) if main_process else None
 
@@ -156,17 +152,17 @@ def run(args, device, adapt_network, extra):
         save_path=args.model_dir / f"{args.run_name}.pth", tbwriter=tbwriter, resume=args.resume, amp=amp, ema=ema,
         hparams={"recipe": args.recipe, "data": str(args.data), "seed": args.seed},
     )  # fmt: skip
-    test, plain = accuracy_on_test(net, testloader, device, amp)
-    ema_test = accuracy_on_test(ema.module, testloader, device, amp)[0] if ema is not None else None
+    test, plain = accuracy_on_test(net, testloader, amp)
+    ema_test = accuracy_on_test(ema.module, testloader, amp)[0] if ema is not None else None
     in_sync = weights_agree_across_ranks(net) if dist.is_initialized() else True
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "recipe": recipe,
-        "model": utils.unwrap_model(net).config,
+        "model": runtime.unwrap_model(net).config,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU, {os.cpu_count()} cores, {platform.machine()}",
-        "processes": utils.distributed_env()[1],
+        "processes": runtime.distributed_env()[1],
         "history": history,
         "train_seconds": sum(history["seconds"]),
         **test,

@@ -31,7 +31,6 @@ CIFAR_10 = ["--small-input", "--epochs", "10"]
 # run also reports the recipe without the average: it is validated beside the weights.
 INGREDIENTS = {
     "ema": ["--ema", "0.98"],
-    "ema-nodwd": ["--ema", "0.98", "--no-decay-depthwise"],
     "strong": ["--ema", "0.98", "--trivial-augment", "--cutout", "12"],
 }
 EXPERIMENTS = {

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from images import make_synthetic  # noqa: E402
 
 SETTINGS = {
     "crop + flip": {"augment": True},
@@ -50,7 +51,7 @@ def main():
 
     device = utils.get_device(args.device)
     if args.data == "synthetic":
-        images, labels, _ = utils.make_synthetic("train", train_size=args.images)
+        images, labels, _ = make_synthetic("train", train_size=args.images)
     else:
         images, labels, _ = utils.load_split(args.data, "train")
     images, labels = images[: args.images], labels[: args.images]

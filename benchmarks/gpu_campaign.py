@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import utils  # noqa: E402
 
 # One benchmarks/accuracy.py command line each: an experiment of its EXPERIMENTS, then
@@ -52,7 +53,6 @@ EXPERIMENTS = {
     "default-cifar-10 --no-amp": 120,
     "strong-cifar-10": 110,
     "ema-cifar-10": 95,
-    "ema-nodwd-cifar-10": 95,
     "default-cifar-10": 90,
     "default-cifar-10 --amp-dtype bfloat16": 90,
     "default-cifar-10 --batch-size 512 --lr 0.4": 80,  # twice the batch, twice the peak rate
@@ -222,14 +222,14 @@ def validation_accuracy(result):
 
 def ship_weights(summary, out_dir, path):
     """The final weights of the experiment with the best validation accuracy (never chosen on
-    the test set), as the float16 checkpoint that the project ships (utils.release_checkpoint),
+    the test set), as the float16 checkpoint that the project ships (checkpoints.release_checkpoint),
     at ``path``; its name."""
     done = [e for e in summary["experiments"] if e["status"] == "ok" and e.get("val_acc") is not None]
     if not done:
         return None
     best = max(done, key=validation_accuracy)
     checkpoint = utils.load_checkpoint(out_dir / "model" / f"{best['name']}_last.pth")
-    utils.atomic_save(utils.release_checkpoint(checkpoint), path)
+    checkpoints.atomic_save(checkpoints.release_checkpoint(checkpoint), path)
     return best["experiment"]
 
 
@@ -315,7 +315,9 @@ def main(argv=None):
                         help="a .tar.gz holding the data folder, extracted when the folder is missing")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "campaign", help="an empty or new folder")
     parser.add_argument("--budget-s", type=float, default=530, help="the deadline, in seconds from the start")
-    parser.add_argument("--speed-budget-s", type=float, default=100, help="the speed phase's share of it")
+    parser.add_argument(
+        "--speed-budget-s", type=float, help="the speed phase's share of it (default: 100; --smoke: 200)"
+    )
     parser.add_argument("--parallel", type=int, help="accuracy processes at a time (default: 6; --smoke: 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU, the first 2 experiments")
     args = parser.parse_args(argv)
@@ -358,10 +360,10 @@ def main(argv=None):
                    "experiments": [experiment_result(job, accuracy_jobs, out_dir) for job in accuracy_jobs]}  # fmt: skip
         markdown = summary_markdown(summary)
         for folder in [out_dir] if copy_to is None else [out_dir, copy_to]:
-            utils.atomic_write(folder / "summary.json", json.dumps(summary, indent=2))
-            utils.atomic_write(folder / "summary.md", markdown)
+            checkpoints.atomic_write(folder / "summary.json", json.dumps(summary, indent=2))
+            checkpoints.atomic_write(folder / "summary.md", markdown)
         if copy_to is not None:
-            utils.atomic_write(copy_to / "campaign.tar.gz", bundle(out_dir))
+            checkpoints.atomic_write(copy_to / "campaign.tar.gz", bundle(out_dir))
         return summary, markdown
 
     def finished(job):
@@ -369,7 +371,7 @@ def main(argv=None):
         write_summary()
 
     deadline = args.budget_s
-    speed_deadline = min(deadline, clock() + args.speed_budget_s)
+    speed_deadline = min(deadline, clock() + (args.speed_budget_s or (200 if args.smoke else 100)))
     say(f"phase 1, training speed: {len(speed_jobs)} runs, one at a time, until {speed_deadline:.0f} s")
     run_jobs(speed_jobs, 1, speed_deadline, out_dir, clock, child_env, finished)
 

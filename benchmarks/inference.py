@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export  # noqa: E402
 import utils  # noqa: E402
+from images import make_synthetic  # noqa: E402
 from model import MobileNetV2  # noqa: E402
 
 TITLES = {False: "small_input=False (paper strides)", True: "small_input=True (CIFAR strides)"}
@@ -143,7 +144,7 @@ def main():
     torch.manual_seed(0)
 
     trained = utils.load_model(args.checkpoint, device="cpu")[0] if args.checkpoint else None
-    train_images, _, _ = utils.make_synthetic("train", train_size=256)
+    train_images, _, _ = make_synthetic("train", train_size=256)
     mean, std = utils.channel_stats(train_images)
     calibration_images = utils.normalize(train_images, mean, std)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

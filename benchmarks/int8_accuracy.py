@@ -36,7 +36,7 @@ def main():
     test_images, test_labels, _ = utils.load_split(args.data, "test")
     images = utils.normalize(test_images, checkpoint["mean"], checkpoint["std"])
     loader = utils.InMemoryLoader(test_images, test_labels, 500, checkpoint["mean"], checkpoint["std"])
-    float_preds = utils.evaluate(net, loader, device="cpu")["preds"]
+    float_preds = utils.evaluate(net, loader)["preds"]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export.export_onnx(export.fold_batchnorm(net), Path(tmp) / "net.onnx")
         calibration = export.calibration_batch(args.data, checkpoint)

@@ -1,22 +1,21 @@
 """Training speed: the tutorial's way against this project's default path, in one run.
 
 Both train the same network with the same batch size, optimizer and augmentation (random
-crop with padding 4 and horizontal flip), on whatever device is present. Every row runs in a
-process of its own, from the same seed, so that no row inherits another's memory, and reports
-that process's peak resident memory:
+crop with padding 4 and horizontal flip), on whatever device is present:
 
   tutorial  torchvision ImageFolder + DataLoader (2 workers) decoding JPEG files and
             transforming one image at a time; float32, NCHW; the tutorial's loop, which
-            calls torch.cuda.empty_cache() and reads loss and accuracy with .item() every batch;
-            glibc's default allocator, as the tutorial's reader has it.
+            calls torch.cuda.empty_cache() and reads loss and accuracy with .item() every batch.
   project   utils.get_loaders' in-memory loader (decoded once, augmented a batch at a time on
             the device) and utils.train_one_epoch: float16 autocast with a gradient scaler on
             CUDA, no per-batch synchronisation, in both memory layouts (NCHW and
-            channels_last); train() picks the faster one (utils.channels_last_is_faster),
-            marked "default". Freed memory is kept in the process (utils.keep_freed_memory).
-  allocator the default path again with glibc's default allocator
-            (MOBILENETV2_KEEP_FREED_MEMORY=0); the line "allocator fix: N.NNx" is the default
-            row over this one.
+            channels_last); train() picks the faster one (runtime.channels_last_is_faster),
+            marked "default".
+  allocator on the CPU, the default path twice more, each in a fresh process from the same
+            seed: with freed memory kept in the process (runtime.keep_freed_memory, on wherever
+            the project's modules are imported, so in the rows above too) and with glibc's
+            default malloc (MOBILENETV2_KEEP_FREED_MEMORY=0), each with its peak resident
+            memory. The line "allocator fix: N.NNx" is the first over the second.
   --amp-dtype float16 bfloat16 none times the project's path in each precision (default: the
             device's default, float16 on CUDA and float32 on the CPU).
   --compile adds the default path through torch.compile (train(compile=True)), compiled
@@ -47,7 +46,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
+from images import make_synthetic  # noqa: E402
 from model import MobileNetV2  # noqa: E402
 
 
@@ -102,17 +104,16 @@ def project_steps(net, loader, optimizer, criterion, device, steps, warmup, chan
     """utils.train_one_epoch over ``warmup`` batches, then timed over ``steps`` batches.
 
     compile_mode: a torch.compile mode, or None for eager. torch.compile is called here
-    rather than through utils.compiled, which takes no mode and hides a failed compile."""
+    rather than through runtime.compiled, which would hide a failed compile."""
     net = net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if compile_mode is not None:
         torch.compiler.reset()  # each mode compiles from scratch, not on top of the previous one
         net = torch.compile(net, mode=compile_mode)
-    kwargs = {"amp_dtype": amp_dtype, "scaler": utils.grad_scaler(device, amp_dtype), "channels_last": channels_last,
-              "progress": False}  # fmt: skip
-    utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, device, **kwargs)
+    kwargs = {"amp_dtype": amp_dtype, "scaler": runtime.grad_scaler(device, amp_dtype), "progress": False}
+    utils.train_one_epoch(net, FirstBatches(loader, warmup), optimizer, criterion, **kwargs)
     synchronize(device)
     start = time.perf_counter()
-    result = utils.train_one_epoch(net, FirstBatches(loader, steps), optimizer, criterion, device, **kwargs)
+    result = utils.train_one_epoch(net, FirstBatches(loader, steps), optimizer, criterion, **kwargs)
     synchronize(device)
     return result["count"] / (time.perf_counter() - start)
 
@@ -122,7 +123,7 @@ def synthetic_folder(root, per_class=300):
     from PIL import Image
 
     for split in ("train", "test"):
-        images, labels, classes = utils.make_synthetic(split, train_size=per_class * 10, test_size=100)
+        images, labels, classes = make_synthetic(split, train_size=per_class * 10, test_size=100)
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             folder = root / split / classes[label]
             folder.mkdir(parents=True, exist_ok=True)
@@ -157,135 +158,143 @@ def parse_args(argv=None):
     parser.add_argument("--compile-mode", nargs="+", choices=COMPILE_MODES,
                         help="one compiled row per torch.compile mode (implies --compile)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file as they are measured")
-    parser.add_argument("--row", type=json.loads, help=argparse.SUPPRESS)  # one row, in the process main() starts
+    parser.add_argument("--row", type=json.loads, help=argparse.SUPPRESS)  # the default path, in a process of its own
     return parser.parse_args(argv)
 
 
-def time_row(args, row):
-    """Time one row in this process: images/s after the warm-up batches."""
-    device = utils.get_device(args.device, verbose=False)
-    on_cpu = device.type == "cpu"
-    steps = args.steps or (3 if on_cpu else 100)
-    warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 20)
-    data = Path(row["data"])
-    train_images, train_labels, classes = utils.load_split(data, "train", root=Path(row["cache_root"]))
-    mean, std = utils.channel_stats(train_images)
-    if row["loop"] == "tutorial":
-        import torchvision
-        from torchvision import transforms
-
-        per_image = transforms.Compose([
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])  # fmt: skip
-        folder = torchvision.datasets.ImageFolder(data / "train", transform=per_image)
-        loader = torch.utils.data.DataLoader(folder, args.batch_size, shuffle=True, num_workers=2)
-    else:
-        loader = utils.InMemoryLoader(train_images, train_labels, args.batch_size, mean, std,
-                                      shuffle=True, augment=True, drop_last=True, device=device)  # fmt: skip
-    if len(loader) < warmup + steps:
-        raise SystemExit(f"{data} has too few images for {warmup + steps} batches of {args.batch_size}.")
-
-    utils.set_seed(0)
-    net = MobileNetV2(len(classes), small_input=not args.paper_strides).to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    criterion = nn.CrossEntropyLoss()
-    if row["loop"] == "tutorial":
-        return tutorial_steps(net, loader, optimizer, criterion, device, steps, warmup)
-    return project_steps(net, loader, optimizer, criterion, device, steps, warmup, row["layout"] == "channels_last",
-                         AMP_DTYPES[row["amp_dtype"]], row.get("compile_mode"))  # fmt: skip
-
-
-def run_row(row, keep_freed_memory=True):
-    """Run one row in a fresh process; its images/s and peak resident memory, or its error."""
+def allocator_row(row, keep_freed_memory):
+    """The default path timed in a fresh process, with or without runtime.keep_freed_memory:
+    its images/s and peak resident memory."""
     env = {**os.environ, "MOBILENETV2_KEEP_FREED_MEMORY": "1" if keep_freed_memory else "0"}
     command = [sys.executable, __file__, *sys.argv[1:], "--row", json.dumps(row)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
     if done.returncode != 0 or not lines:
-        return {"images_per_s": None, "error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+        raise SystemExit(f"the allocator row failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("ROW ") :])
 
 
 def main():
     args = parse_args()
-    if args.row is not None:  # a child process: one row, one line of JSON
-        speed = time_row(args, args.row)
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
-        print("ROW " + json.dumps({"images_per_s": speed, "peak_rss_mb": round(peak_mb),
-                                   "keeps_freed_memory": utils.KEEPS_FREED_MEMORY}))  # fmt: skip
-        return
-
-    device = utils.get_device(args.device)
+    device = runtime.get_device(args.device, verbose=args.row is None)
     on_cpu = device.type == "cpu"
     steps = args.steps or (3 if on_cpu else 100)
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 20)
     small_input = not args.paper_strides
     tmp = tempfile.TemporaryDirectory()
-    data = args.data or synthetic_folder(Path(tmp.name) / "synthetic")
-    cache_root = Path(tmp.name) if args.data is None else utils.DATA_DIR
-    utils.load_split(data, "train", root=cache_root)  # decoded here once; each row reads the cache
-    source = {"data": str(data), "cache_root": str(cache_root)}
+    if args.row is not None:  # a child process of allocator_row: the parent's data and cache
+        data, cache_root = Path(args.row["data"]), Path(args.row["cache_root"])
+    else:
+        data = args.data or synthetic_folder(Path(tmp.name) / "synthetic")
+        cache_root = Path(tmp.name) if args.data is None else utils.DATA_DIR
 
-    device_default = next(name for name, dtype in AMP_DTYPES.items() if dtype == utils.autocast_dtype(device, None))
+    train_images, train_labels, classes = utils.load_split(data, "train", root=cache_root)
+    mean, std = utils.channel_stats(train_images)
+    project_loader = utils.InMemoryLoader(train_images, train_labels, args.batch_size, mean, std,
+                                          shuffle=True, augment=True, drop_last=True, device=device)  # fmt: skip
+    if len(project_loader) < warmup + steps:
+        raise SystemExit(f"{data} has too few images for {warmup + steps} batches of {args.batch_size}.")
+
+    def fresh():
+        utils.set_seed(0)
+        net = MobileNetV2(len(classes), small_input=small_input).to(device)
+        return net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True), nn.CrossEntropyLoss()
+
+    def project(channels_last, precision, compile_mode=None):
+        net, optimizer, criterion = fresh()
+        return project_steps(net, project_loader, optimizer, criterion, device, steps, warmup, channels_last,
+                             AMP_DTYPES[precision], compile_mode)  # fmt: skip
+
+    if args.row is not None:
+        speed = project(args.row["layout"] == "channels_last", args.row["amp_dtype"])
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+        print("ROW " + json.dumps({"images_per_s": speed, "peak_rss_mb": round(peak_mb),
+                                   "keeps_freed_memory": runtime.KEEPS_FREED_MEMORY}))  # fmt: skip
+        return
+
+    import torchvision
+    from torchvision import transforms
+
+    per_image = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])  # fmt: skip
+    folder = torchvision.datasets.ImageFolder(data / "train", transform=per_image)
+    tutorial_loader = torch.utils.data.DataLoader(folder, args.batch_size, shuffle=True, num_workers=2)
+    if len(tutorial_loader) < warmup + steps:
+        raise SystemExit(f"{data} has too few images for {warmup + steps} batches of {args.batch_size}.")
+
+    device_default = next(name for name, dtype in AMP_DTYPES.items() if dtype == runtime.autocast_dtype(device, None))
     precisions = args.amp_dtype or [device_default]
     compile_modes = args.compile_mode or (["default"] if args.compile else [])
-    default_layout = utils.channels_last_is_faster(MobileNetV2(small_input=small_input), device)  # train()'s pick
     network = "CIFAR option" if small_input else "paper strides"
     print(f"MobileNetV2 ({network}), batch {args.batch_size}, {steps} timed steps after {warmup} warm-up, {data}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     record = {"device": device_name, "threads": torch.get_num_threads(), "network": network,
               "batch_size": args.batch_size, "steps": steps, "warmup": warmup, "rows": []}  # fmt: skip
 
-    def add_row(name, row, keep_freed_memory=True, **details):
-        result = run_row({**row, **source}, keep_freed_memory)
-        speed = result["images_per_s"]
+    def add_row(path, speed, **details):
         baseline = record["rows"][0]["images_per_s"] if record["rows"] else speed
-        if speed is None and not row.get("compile_mode"):  # only a compiled row may fail and leave the others
-            raise SystemExit(f"{name}: failed: {result['error']}")
-        if speed is None:
-            print(f"{name}: failed: {result['error']}")
         vs_tutorial = speed / baseline if speed is not None else None
-        record["rows"].append({**row, "path": name, **details, **result, "vs_tutorial": vs_tutorial})
+        record["rows"].append({"path": path, "images_per_s": speed, "vs_tutorial": vs_tutorial, **details})
         save()
-        return speed
 
     def save():
         if args.json:
-            utils.atomic_write(args.json, json.dumps(record, indent=2))  # never half a file
+            checkpoints.atomic_write(args.json, json.dumps(record, indent=2))  # never half a file
 
-    add_row("tutorial: DataLoader, per-image transforms, fp32, NCHW, glibc malloc", {"loop": "tutorial"},
-            keep_freed_memory=False)  # fmt: skip
+    net, optimizer, criterion = fresh()
+    add_row("tutorial: DataLoader, per-image transforms, fp32, NCHW",
+            tutorial_steps(net, tutorial_loader, optimizer, criterion, device, steps, warmup))  # fmt: skip
+    default_layout = runtime.channels_last_is_faster(net, device)  # what train() would pick
     for precision in precisions:
         for channels_last in (False, True):
+            speed = project(channels_last, precision)
             layout = layout_name(channels_last)
             default = channels_last == default_layout and precision == precisions[0]
-            speed = add_row(f"project: in-memory batches, {precision_name(precision)}, {layout}{' (default)' if default else ''}",
-                            {"loop": "project", "amp_dtype": precision, "layout": layout}, default=default)  # fmt: skip
-            if default:
-                default_speed, default_row = speed, {"loop": "project", "amp_dtype": precision, "layout": layout}
-    record["speedup"] = default_speed / record["rows"][0]["images_per_s"]
-    glibc_speed = add_row("allocator: the default path with glibc malloc", default_row, keep_freed_memory=False)
-    record["allocator_speedup"] = default_speed / glibc_speed
+            add_row(f"project: in-memory batches, {precision_name(precision)}, {layout}{' (default)' if default else ''}",
+                    speed, amp_dtype=precision, layout=layout, default=default)  # fmt: skip
+    speedup = record["rows"][1 + default_layout]["vs_tutorial"]
+    record["speedup"] = speedup
     save()
+
+    # The allocator, where training activations live in host memory: the default path again,
+    # each time in a fresh process, with and without keeping freed memory.
+    if on_cpu:
+        row = {"amp_dtype": precisions[0], "layout": layout_name(default_layout), "data": str(data),
+               "cache_root": str(cache_root)}  # fmt: skip
+        for keep, name in ((True, "freed memory kept (the default)"), (False, "glibc's default malloc")):
+            result = allocator_row(row, keep)
+            add_row(f"allocator: the default path in a fresh process, {name}", result["images_per_s"],
+                    peak_rss_mb=result["peak_rss_mb"], keeps_freed_memory=result["keeps_freed_memory"])  # fmt: skip
+        record["allocator_speedup"] = record["rows"][-2]["images_per_s"] / record["rows"][-1]["images_per_s"]
+        save()
+
     for mode in compile_modes:
-        add_row(f"project: the default path, torch.compile {mode}, {precision_name(precisions[0])}",
-                {**default_row, "compile_mode": mode})  # fmt: skip
+        path = f"project: the default path, torch.compile {mode}, {precision_name(precisions[0])}"
+        try:
+            speed = project(default_layout, precisions[0], mode)
+        except Exception as error:  # a mode this machine cannot compile is a result too; the other rows stand
+            print(f"{path}: failed: {error!r}")
+            add_row(path, None, amp_dtype=precisions[0], layout=layout_name(default_layout), compile_mode=mode,
+                    error=repr(error))  # fmt: skip
+        else:
+            add_row(path, speed, amp_dtype=precisions[0], layout=layout_name(default_layout), compile_mode=mode)
 
     width = max(62, *(len(row["path"]) + 2 for row in record["rows"]))
     print(f"\n{'path':<{width}}{'images/s':>10}{'vs tutorial':>13}{'peak MB':>9}")
     for row in record["rows"]:
+        peak = row.get("peak_rss_mb", "")
         if row["images_per_s"] is None:
             print(f"{row['path']:<{width}}{'failed':>10}")
         else:
-            print(
-                f"{row['path']:<{width}}{row['images_per_s']:>10.1f}{row['vs_tutorial']:>12.2f}x{row['peak_rss_mb']:>9}"
-            )
+            print(f"{row['path']:<{width}}{row['images_per_s']:>10.1f}{row['vs_tutorial']:>12.2f}x{peak:>9}")
     print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads)")
-    print(f"allocator fix: {record['allocator_speedup']:.2f}x")
-    print(f"speedup: {record['speedup']:.2f}x")
+    if on_cpu:
+        print(f"allocator fix: {record['allocator_speedup']:.2f}x")
+    print(f"speedup: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

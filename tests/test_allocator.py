@@ -1,4 +1,4 @@
-"""utils.keep_freed_memory: freed blocks stay in the process, and no arithmetic changes."""
+"""runtime.keep_freed_memory: freed blocks stay in the process, and no arithmetic changes."""
 
 import os
 import subprocess
@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 
-import utils
+import runtime
 
-ROOT = utils.ROOT
+ROOT = runtime.ROOT
 
-glibc_only = pytest.mark.skipif(not utils.KEEPS_FREED_MEMORY, reason="needs Linux with glibc")
+glibc_only = pytest.mark.skipif(not runtime.KEEPS_FREED_MEMORY, reason="needs Linux with glibc")
 
 
 def run_python(code, keep_freed_memory):
@@ -26,13 +26,14 @@ def run_python(code, keep_freed_memory):
 def test_importing_the_helpers_keeps_a_freed_block_in_the_process():
     # A 256 MB tensor is freed; glibc's default hands it back to the OS at once, the fix keeps it.
     code = """
-        import os, torch, utils
+        import os, torch, utils  # importing the helpers is all it takes
+        from runtime import KEEPS_FREED_MEMORY
         def resident_mb():
             return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         before = resident_mb()
         block = torch.ones(64 * 2**20)
         del block
-        print(utils.KEEPS_FREED_MEMORY, resident_mb() - before)
+        print(KEEPS_FREED_MEMORY, resident_mb() - before)
     """
     kept, kept_mb = run_python(code, keep_freed_memory=True)
     default, default_mb = run_python(code, keep_freed_memory=False)
@@ -46,9 +47,10 @@ def test_the_allocator_changes_no_arithmetic():
     # glibc's mmap threshold: the same seed gives the same losses, bit for bit, either way.
     code = """
         import torch, utils
+        from images import make_synthetic
         from model import MobileNetV2
         torch.set_num_threads(2)
-        images, labels, _ = utils.make_synthetic("train", train_size=256)
+        images, labels, _ = make_synthetic("train", train_size=256)
         mean, std = utils.channel_stats(images)
         loader = utils.InMemoryLoader(images, labels, 64, mean, std, shuffle=True, augment=True, drop_last=True)
         utils.set_seed(0)
@@ -69,7 +71,7 @@ def test_the_allocator_changes_no_arithmetic():
 
 def test_turned_off_or_elsewhere_it_does_nothing(monkeypatch):
     monkeypatch.setenv("MOBILENETV2_KEEP_FREED_MEMORY", "0")
-    assert utils.keep_freed_memory() is False
+    assert runtime.keep_freed_memory() is False
     monkeypatch.delenv("MOBILENETV2_KEEP_FREED_MEMORY")
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert utils.keep_freed_memory() is False
+    assert runtime.keep_freed_memory() is False

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
+import runtime
 import utils
 
-ROOT = utils.ROOT
+ROOT = runtime.ROOT
 COMMON = ["--data", "synthetic", "--epochs", "1", "--alpha", "0.25", "--val-size", "100", "--batch-size", "64",
           "--lr", "0.02", "--no-augment", "--dropout", "0", "--device", "cpu", "--run-name", "run"]  # fmt: skip
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
 import export
 import utils
+from images import make_synthetic
 from model import MobileNetV2
 
 
@@ -34,7 +36,7 @@ def save_checkpoint(net, path, mean, std):
     """A checkpoint as train() writes it, built by the same function."""
     data = {"classes": [f"class_{i}" for i in range(10)], "mean": mean, "std": std}
     history = {key: [] for key in utils.HISTORY}
-    utils.atomic_save(utils.make_checkpoint(net, data, epochs=1, history=history, best_val_acc=0.0), path)
+    checkpoints.atomic_save(checkpoints.make_checkpoint(net, data, epochs=1, history=history, best_val_acc=0.0), path)
 
 
 def logits(net, images):
@@ -45,9 +47,9 @@ def logits(net, images):
 @pytest.fixture(scope="module")
 def synthetic():
     """Normalised synthetic images: (mean, std, test images (200, 3, 32, 32))."""
-    train_images, _, _ = utils.make_synthetic("train")
+    train_images, _, _ = make_synthetic("train")
     mean, std = utils.channel_stats(train_images)
-    return mean, std, utils.normalize(utils.make_synthetic("test")[0], mean, std)
+    return mean, std, utils.normalize(make_synthetic("test")[0], mean, std)
 
 
 @pytest.fixture(scope="module")

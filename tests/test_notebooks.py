@@ -23,6 +23,7 @@ from test_data import write_user_folder
 from test_predict import odd_pictures
 
 import utils
+from images import image_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -327,7 +328,7 @@ def test_user_folder_trains_tests_and_predicts(user_run):
     assert "Accuracy of the network on the 22 test images:" in outputs_text(ran(user_run, "04_testing"))
     table = outputs_text(ran(user_run, "05_prediction"))
     test_dir = user_run["folder"] / "test"
-    pictures = utils.image_files(test_dir)
+    pictures = image_files(test_dir)
     assert len(pictures) == 22
     for picture in pictures:
         assert re.search(re.escape(str(picture)) + r"\s+kind\d", table), picture

@@ -18,6 +18,7 @@ from PIL import Image
 
 import predict
 import utils
+from images import image_files, make_synthetic
 from model import MobileNetV2
 
 # ----------------------------------------------------------------------------------------
@@ -29,17 +30,15 @@ def trained(tmp_path_factory):
     """(checkpoint path, net, checkpoint, test images uint8 (16, 3, 32, 32)) after a few steps
     of a real train() run on a slice of the synthetic set: what the tests read is what train() writes."""
     torch.manual_seed(0)
-    images, labels, classes = utils.make_synthetic("train", train_size=256)
+    images, labels, classes = make_synthetic("train", train_size=256)
     mean, std = utils.channel_stats(images)
     loader = utils.InMemoryLoader(images, labels, 64, mean, std, shuffle=True, drop_last=True, classes=classes)
     net = MobileNetV2(num_classes=10, alpha=0.25)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
-    utils.train(
-        net, loader, None, 1, optimizer, torch.nn.CrossEntropyLoss(), save_path=path, verbose=False, device="cpu"
-    )
+    utils.train(net, loader, None, 1, optimizer, torch.nn.CrossEntropyLoss(), save_path=path, verbose=False)
     net, checkpoint = utils.load_model(path, device="cpu")
-    return path, net, checkpoint, utils.make_synthetic("test", test_size=16)[0]
+    return path, net, checkpoint, make_synthetic("test", test_size=16)[0]
 
 
 def save_pictures(images, folder):
@@ -95,7 +94,7 @@ def odd_pictures(folder):
     Image.fromarray(np.full((24, 40), 257 * 100, dtype=np.uint16)).save(folder / "deep.png")
     Image.new("CMYK", (40, 24), (255, 0, 255, 0)).save(folder / "cmyk.jpg")
     Image.new("L", (24, 40), 70).save(folder / "gray.JPG")
-    return utils.image_files(folder)
+    return image_files(folder)
 
 
 def test_training_and_prediction_decode_every_kind_of_file_alike(tmp_path):
@@ -295,7 +294,7 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
         predict.load_image(tmp_path / "bomb.png")
 
     Image.new("RGB", (100, 100)).save(tmp_path / "ordinary.png")
-    monkeypatch.setattr(utils, "MAX_PIXELS", 5_000)
+    monkeypatch.setattr("images.MAX_PIXELS", 5_000)
     with pytest.raises(predict.ImageError, match=r"100x100 pixels, over the limit of 5,000"):
         predict.load_image(tmp_path / "ordinary.png")
 

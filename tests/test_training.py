@@ -11,6 +11,8 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.utils.tensorboard import SummaryWriter
 
+import checkpoints
+import runtime
 import utils
 from model import MobileNetV2
 
@@ -29,12 +31,12 @@ def sgd(net, lr=0.02):
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
 
 
-def run(loaders, epochs=2, seed=0, scheduler=None, save_path=None, verbose=False, **kwargs):
-    net = tiny_net(seed)
+def run(loaders, epochs=2, seed=0, scheduler=None, save_path=None, verbose=False, compile=False, **kwargs):
+    net = runtime.prepare_model(tiny_net(seed), "cpu", compile=compile)
     optimizer = sgd(net)
     scheduler = scheduler(optimizer) if scheduler else None
     history = utils.train(net, loaders[0], loaders[1], epochs, optimizer, nn.CrossEntropyLoss(), scheduler,
-                          save_path, None, verbose, device="cpu", **kwargs)  # fmt: skip
+                          save_path, None, verbose, **kwargs)  # fmt: skip
     return net, optimizer, scheduler, history
 
 
@@ -85,7 +87,7 @@ class ConstantNet(nn.Module):
 def test_metrics_are_per_sample_not_a_mean_of_batch_means():
     # Batches of 3 and 1: a mean of batch means would weigh the single sample three times.
     batches = [(torch.zeros(3, 1), torch.tensor([0, 0, 0])), (torch.zeros(1, 1), torch.tensor([1]))]
-    result = utils.evaluate(ConstantNet(), batches, device="cpu")
+    result = utils.evaluate(ConstantNet(), batches)
     assert result["acc"] == 75.0
     expected = nn.functional.cross_entropy(torch.tensor([[2.0, 0, 0]] * 4), torch.tensor([0, 0, 0, 1]))
     assert result["loss"] == pytest.approx(expected.item())
@@ -102,8 +104,8 @@ def test_flip_tta_averages_the_image_and_its_mirror():
 
     x = torch.zeros(1, 1, 1, 4)
     x[..., 0] = 1.0
-    plain = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu")
-    tta = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], device="cpu", tta=True)
+    plain = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))])
+    tta = utils.evaluate(LeftHalf(), [(x, torch.tensor([1]))], tta=True)
     assert plain["acc"] == 100.0 and plain["tta"] is None and tta["tta"] == "flip"
     assert tta["probs"][0].tolist() == pytest.approx([0.5, 0.5])
 
@@ -132,15 +134,6 @@ def test_reduce_on_plateau_steps_on_the_validation_loss(loaders):
 
     _, _, scheduler, (_, loss, _) = run(loaders, epochs=2, scheduler=lambda o: Recording(o))
     assert scheduler.seen == loss["val_loss"]
-
-
-def test_scheduler_interval_override_and_bad_value(loaders):
-    _, _, scheduler, _ = run(
-        loaders, epochs=1, scheduler=lambda o: lr_scheduler.StepLR(o, 1000), scheduler_interval="batch"
-    )
-    assert scheduler.last_epoch == len(loaders[0])
-    with pytest.raises(ValueError, match="scheduler_interval"):
-        run(loaders, epochs=1, scheduler=lambda o: lr_scheduler.StepLR(o, 1), scheduler_interval="daily")
 
 
 def test_checkpoints_best_and_last_with_plain_metadata(loaders, tmp_path):
@@ -226,7 +219,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(loaders, t
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "m.pth"
-    utils.atomic_save({"a": torch.ones(3)}, path)
+    checkpoints.atomic_save({"a": torch.ones(3)}, path)
 
     def fails_halfway(obj, f):
         f.write(b"half a checkpoint")
@@ -234,7 +227,7 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", fails_halfway)
     with pytest.raises(OSError, match="disk full"):
-        utils.atomic_save({"a": torch.zeros(3)}, path)
+        checkpoints.atomic_save({"a": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]
@@ -257,13 +250,6 @@ def test_tensorboard_gets_curves_graph_and_hparams(loaders, tmp_path):
     hparams = events.PluginRunToTagToContent("hparams")["."]
     assert "_hparams_/session_start_info" in hparams
     assert len(events.Scalars(".", "hparam/val_acc")) == 1
-
-
-def test_dataloader_path_trains_too():
-    train, val, _, _ = utils.get_loaders("synthetic", batch_size=64, val_size=100, fast=False, num_workers=0)
-    net = tiny_net()
-    acc, loss, _ = utils.train(net, train, val, 1, sgd(net), nn.CrossEntropyLoss(), verbose=False)
-    assert len(acc["train_acc"]) == 1 and loss["train_loss"][0] > 0
 
 
 def test_recipes_build_optimizer_scheduler_and_criterion():
@@ -332,17 +318,18 @@ def test_compile_falls_back_to_eager_where_unsupported(loaders, monkeypatch):
 def test_default_autocast_is_float16_on_cuda_and_off_on_the_cpu():
     # float16, not bfloat16: benchmarks/README.md, "Mixed precision", has the measurements behind it.
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert utils.autocast_dtype(cuda, None) == torch.float16
-    assert utils.autocast_dtype(cpu, None) is None
-    assert utils.autocast_dtype(cpu, True) == torch.float16
-    assert utils.autocast_dtype(cuda, False) is None
-    assert utils.autocast_dtype(cuda, "bfloat16") == torch.bfloat16
-    assert isinstance(utils.grad_scaler(cpu, torch.float16), torch.amp.GradScaler)
-    assert utils.grad_scaler(cuda, torch.bfloat16) is None
+    assert runtime.autocast_dtype(cuda, None) == torch.float16
+    assert runtime.autocast_dtype(cpu, None) is None
+    assert runtime.autocast_dtype(cpu, True) == torch.float16
+    assert runtime.autocast_dtype(cuda, False) is None
+    assert runtime.autocast_dtype(cuda, "bfloat16") == torch.bfloat16
+    assert isinstance(runtime.grad_scaler(cpu, torch.float16), torch.amp.GradScaler)
+    assert runtime.grad_scaler(cuda, torch.bfloat16) is None
 
 
 def test_a_plain_dataloader_over_an_image_folder_gives_a_checkpoint_that_predicts(tmp_path):
-    # The tutorial's way: torchvision's ImageFolder with Normalize, in a torch DataLoader.
+    # The tutorial's way: torchvision's ImageFolder with Normalize, in a torch DataLoader; the
+    # checkpoint is told the classes and normalisation, which prediction needs.
     import numpy as np
     import torchvision
     from PIL import Image
@@ -363,7 +350,8 @@ def test_a_plain_dataloader_over_an_image_folder_gives_a_checkpoint_that_predict
     )
     loader = torch.utils.data.DataLoader(folder, batch_size=8, shuffle=True)
     net = MobileNetV2(num_classes=2, alpha=0.25)
-    utils.train(net, loader, None, 1, sgd(net), nn.CrossEntropyLoss(), None, tmp_path / "m.pth", verbose=False)
+    utils.train(net, loader, None, 1, sgd(net), nn.CrossEntropyLoss(), None, tmp_path / "m.pth", verbose=False,
+                data={"classes": folder.classes, "mean": mean, "std": std})  # fmt: skip
     restored, checkpoint = utils.load_model(tmp_path / "m.pth", device="cpu")
     assert (checkpoint["classes"], checkpoint["mean"], checkpoint["std"]) == (["cat", "dog"], mean, std)
     result = predict.predict(restored, str(tmp_path / "train" / "dog" / "0.png"), checkpoint, topk=2)
@@ -388,7 +376,7 @@ def test_a_loader_that_cannot_tell_its_classes_fails_before_training_with_what_t
 def test_the_checkpoint_builder_is_what_train_writes(loaders, tmp_path):
     net, optimizer, _, _ = run(loaders, epochs=1, save_path=tmp_path / "m.pth")
     last = utils.load_checkpoint(tmp_path / "m_last.pth")
-    built = utils.make_checkpoint(net, utils.data_info(loaders[0]), 1, last["history"], last["best_val_acc"],
+    built = checkpoints.make_checkpoint(net, checkpoints.data_info(loaders[0]), 1, last["history"], last["best_val_acc"],
                                   optimizer)  # fmt: skip
     assert set(built) == set(last)
     assert all(torch.equal(built["model"][k], v) for k, v in last["model"].items())
@@ -397,16 +385,44 @@ def test_the_checkpoint_builder_is_what_train_writes(loaders, tmp_path):
     }
 
 
+def test_a_checkpoint_of_format_1_written_by_hand_loads_and_resumes(loaders, tmp_path):
+    # Every key that format 1 has held since it was introduced, written without the project's
+    # builder: a change to the code that keeps the format must still load and resume it.
+    net = runtime.prepare_model(tiny_net(), "cpu")
+    optimizer = sgd(net)
+    history = utils.fit(net, loaders[0], loaders[1], 1, optimizer, nn.CrossEntropyLoss(), verbose=False)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    old = {
+        "format": "mobilenetv2-cifar10-checkpoint/1", "arch": "MobileNetV2", "model_config": net.config,
+        "classes": loaders[0].classes, "mean": loaders[0].mean, "std": loaders[0].std, "model": weights,
+        "epochs": 2, "epoch": 1, "history": history, "metrics": {k: v[-1] for k, v in history.items()},
+        "best_val_acc": history["val_acc"][-1], "weights": "trained", "ema_model": None,
+        "optimizer": optimizer.state_dict(), "scheduler": None, "scaler": None,
+        "rng": {"cpu": torch.get_rng_state(), "cuda": None}, "ema_updates": 0,
+    }  # fmt: skip
+    torch.save(old, tmp_path / "old_last.pth")
+    torch.save({k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "scaler", "rng")},
+               tmp_path / "old.pth")  # fmt: skip
+
+    restored, checkpoint = utils.load_model(tmp_path / "old.pth")
+    assert all(torch.equal(weights[k], v) for k, v in restored.state_dict().items())
+    assert checkpoint["classes"] == loaders[0].classes
+    resumed = runtime.prepare_model(tiny_net(seed=5), "cpu")
+    history = utils.fit(resumed, loaders[0], loaders[1], 2, sgd(resumed), nn.CrossEntropyLoss(),
+                        save_path=tmp_path / "old.pth", resume=True, verbose=False)  # fmt: skip
+    assert len(history["val_acc"]) == 2 and history["train_loss"][0] == old["history"]["train_loss"][0]
+
+
 def test_cudnn_benchmark_stays_off_when_deterministic_algorithms_are_on(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     try:
         utils.set_seed(0, deterministic=True)
-        utils.pick_fast_kernels(torch.device("cuda"))
+        runtime.pick_fast_kernels(torch.device("cuda"))
         assert torch.backends.cudnn.benchmark is False
         torch.use_deterministic_algorithms(False)
-        utils.pick_fast_kernels(torch.device("cpu"))
+        runtime.pick_fast_kernels(torch.device("cpu"))
         assert torch.backends.cudnn.benchmark is False
-        utils.pick_fast_kernels(torch.device("cuda"))
+        runtime.pick_fast_kernels(torch.device("cuda"))
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.use_deterministic_algorithms(False)
@@ -449,7 +465,7 @@ def test_weight_average_follows_its_formula_and_gets_batchnorm_statistics_of_its
                                   16, (0.0,) * 3, (1 / 255,) * 3, shuffle=True, augment=True)  # fmt: skip
     loader.set_epoch(5)
     rng = torch.get_rng_state()
-    utils.refresh_batchnorm(average.module, loader, torch.device("cpu"), batches=4)
+    utils.refresh_batchnorm(average.module, loader, batches=4)
     assert loader.epoch == 5 and torch.equal(rng, torch.get_rng_state())  # training goes on as without
     inputs = torch.cat([x for x, _ in itertools.islice(iter(loader), 4)])
     with torch.no_grad():
@@ -469,7 +485,7 @@ def run_with_ema(loaders, epochs, save_path=None, resume=False, seed=0, interrup
     scheduler = lr_scheduler.OneCycleLR(optimizer, 0.05, epochs=epochs, steps_per_epoch=len(loaders[0]))
     ema = utils.weight_average(net, 0.9)
     history = utils.fit(net, loaders[0], loaders[1], epochs, optimizer, nn.CrossEntropyLoss(), scheduler,
-                        save_path=save_path, verbose=False, device="cpu", resume=resume, ema=ema)  # fmt: skip
+                        save_path=save_path, verbose=False, resume=resume, ema=ema)  # fmt: skip
     return net, ema, history
 
 
@@ -518,28 +534,10 @@ def test_flip_translate_tta_averages_six_views():
         def forward(self, x):
             return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
 
-    result = utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], device="cpu", tta="flip-translate")
+    result = utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], tta="flip-translate")
     assert result["tta"] == "flip-translate" and result["acc"] == 100.0
     with pytest.raises(ValueError, match="tta='rotate'"):
-        utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], device="cpu", tta="rotate")
-
-
-def test_weight_decay_can_spare_the_depthwise_filters():
-    net = MobileNetV2(10, alpha=0.25)
-    names = {id(p): name for name, p in net.named_parameters()}
-    depthwise = {name for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
-    assert len(depthwise) == 17  # one per inverted residual block
-    spare = utils.get_recipe("default", decay_depthwise=False)
-    decayed, exempt = (
-        sorted(names[id(p)] for p in group["params"]) for group in utils.make_optimizer(net, spare).param_groups
-    )
-    assert {name.removesuffix(".weight") for name in exempt if name.removesuffix(".weight") in depthwise} == depthwise
-    assert all(p.ndim == 1 for name, p in net.named_parameters() if name in exempt and
-               name.removesuffix(".weight") not in depthwise)  # fmt: skip
-    assert all(p.ndim == 4 or p.ndim == 2 for name, p in net.named_parameters() if name in decayed)
-    assert not {name.removesuffix(".weight") for name in decayed} & depthwise
-    default_groups = utils.make_optimizer(net, utils.get_recipe("default")).param_groups
-    assert len(default_groups[0]["params"]) == len(decayed) + len(depthwise)  # today's default decays them
+        utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], tta="rotate")
 
 
 def test_every_recipe_builds():
