@@ -210,11 +210,8 @@ def pick_fast_kernels(device):
 
 def autocast_dtype(device, amp):
     """The dtype to autocast to, or None. ``amp``: None = float16 on CUDA, off on the CPU;
-    True = float16; False = off; "bfloat16"/"float16" = that one.
-
-    float16 rather than bfloat16: its 3 more mantissa bits keep this network's gradients close
-    to float32's early in training, where bf16's are not, and bf16 cost the paper's network
-    9 points of accuracy in 10 epochs (measured: benchmarks/precision.py, benchmarks/README.md)."""
+    True = float16; False = off; "bfloat16"/"float16" = that one. float16 rather than bfloat16,
+    which cost this network accuracy (benchmarks/README.md, "Mixed precision")."""
     if isinstance(amp, str):
         if amp not in ("bfloat16", "float16"):
             raise ValueError(f"amp={amp!r}: choose True, False, None, 'bfloat16' or 'float16'.")
