@@ -8,6 +8,7 @@ test, and are removed afterwards, as is the folder's decoded cache in data/cache
 
 import functools
 import http.server
+import inspect
 import re
 import shutil
 import socket
@@ -22,6 +23,7 @@ import pytest
 from test_data import write_user_folder
 from test_predict import odd_pictures
 
+import model
 import utils
 from images import image_files
 
@@ -221,6 +223,10 @@ def test_02_network_runs(executed):
     assert "12.32" in text
     assert "torch.Size([2, 10])" in text
     assert "final feature map 1x1" in text and "final feature map 4x4" in text
+    # The network's code is shown from model.py itself, so it cannot differ from what runs.
+    for code in (model._make_divisible, model.ConvBNReLU, model.InvertedResidual, model.MobileNetV2):
+        assert inspect.getsource(code) in text, code.__name__
+    assert "by hand: 3744 + 1584 + 3504 = 8832; the module has 8832" in text
 
 
 @pytest.mark.slow
@@ -242,7 +248,8 @@ def test_03_training_runs_and_saves(executed):
 @pytest.mark.slow
 def test_04_testing_runs_and_saves_figures(executed):
     text = outputs_text(ran(executed, "04_testing"))
-    assert "Accuracy of the network on the 200 test images:" in text
+    by_hand = re.search(r"Accuracy of the network on the 200 test images: (\d+\.\d\d) %", text)
+    assert by_hand and f"utils.evaluate: {by_hand.group(1)} %" in text  # the loop by hand, then the helper
     assert "Accuracy of class_0 :" in text
     assert re.search(r"with flip TTA \(2 views\): +\d+\.\d\d %", text)
     assert re.search(r"with flip-translate TTA \(6 views\): +\d+\.\d\d %", text)
@@ -256,6 +263,8 @@ def test_04_testing_runs_and_saves_figures(executed):
 def test_05_prediction_runs(executed):
     text = outputs_text(ran(executed, "05_prediction"))
     assert "Refused:" in text  # the whole pickled model is not loaded
+    # The preprocessing by hand ran (its cell asserts that it agrees with predict.predict).
+    assert any("softmax" in cell.source and cell.outputs for cell in code_cells(ran(executed, "05_prediction")))
     assert "No prediction for the web picture" not in text  # the local server answered the URL cell
     for sample in SAMPLES.iterdir():
         assert sample.name in text  # the folder's predictions
