@@ -22,14 +22,11 @@ from runtime import DATA_DIR, ROOT, progress_bar
 # and those to classify are resized to it.
 IMAGE_SIZE = 32
 
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
 
 # Larger images are refused: a small file can claim dimensions that take gigabytes to decode
 # (a "decompression bomb"). 100 megapixels admits the photos of any current camera.
 MAX_PIXELS = 100_000_000
-
 
 # Part of the image cache's key: raise it when a change to decode_image, to_rgb or
 # image_pixels changes the pixels they give, so that folders are decoded again.
