@@ -31,6 +31,7 @@ from PIL import Image
 
 import checkpoints
 import images
+import runtime
 from images import ImageError
 from utils import normalize
 
@@ -163,7 +164,7 @@ def predict(net, inputs, checkpoint, topk=3, batch_size=256, device=None):
 
     classes = checkpoint["classes"]
     readable = [entry for entry in entries if "error" not in entry]
-    device = next(net.parameters()).device if device is None else torch.device(device)
+    device = runtime.model_device(net) if device is None else torch.device(device)
     net.eval()
     with torch.inference_mode():
         for start in range(0, len(tensors), batch_size):
