@@ -181,10 +181,10 @@ def main():
     steps = args.steps or (3 if on_cpu else 100)
     warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 20)
     small_input = not args.paper_strides
-    tmp = tempfile.TemporaryDirectory()
     if args.row is not None:  # a child process of allocator_row: the parent's data and cache
         data, cache_root = Path(args.row["data"]), Path(args.row["cache_root"])
     else:
+        tmp = tempfile.TemporaryDirectory()  # kept until main() returns
         data = args.data or synthetic_folder(Path(tmp.name) / "synthetic")
         cache_root = Path(tmp.name) if args.data is None else utils.DATA_DIR
 
