@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 
 from model import MobileNetV2
-from runtime import get_device, unwrap_model
+from runtime import MODEL_DIR, get_device, unwrap_model
 
 CHECKPOINT_FORMAT = "mobilenetv2-cifar10-checkpoint/1"
+# The trained weights that ship with the project (model/pretrained/README.md says how they
+# were trained); notebooks 4 and 5 and predict.py fall back on them, hubconf.py loads them.
+PRETRAINED_WEIGHTS = MODEL_DIR / "pretrained" / "mobilenetv2-cifar10.pth"
 
 
 class CheckpointError(ValueError):

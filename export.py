@@ -2,6 +2,7 @@
 
     python export.py model/mobilenetv2.pth --onnx model/mobilenetv2.onnx --pt2 model/mobilenetv2.pt2
     python export.py model/mobilenetv2.pth --onnx model/mobilenetv2.onnx --int8 model/mobilenetv2-int8.onnx
+    python export.py model/mobilenetv2_last.pth --release model/pretrained/mobilenetv2-cifar10.pth
 
 fold_batchnorm  the network with every BatchNorm folded into the convolution before it
 export_onnx     an ONNX file with a dynamic batch size, for onnxruntime and other runtimes
@@ -139,6 +140,7 @@ def calibration_batch(source, checkpoint, count=512, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a checkpoint written by utils.train() for inference.")
     parser.add_argument("checkpoint", help="a .pth file written by train(), e.g. model/mobilenetv2.pth")
+    parser.add_argument("--release", help="write the weights alone in float16, with their metadata, here")
     parser.add_argument("--onnx", help="write an ONNX file here")
     parser.add_argument("--pt2", help="write a torch.export program here")
     parser.add_argument("--int8", help="also write an int8 ONNX file here (needs --onnx)")
@@ -146,8 +148,8 @@ def main(argv=None):
     parser.add_argument("--calibration-size", type=int, default=512, help="images to calibrate --int8 on")
     parser.add_argument("--keep-batchnorm", action="store_true", help="export BatchNorm layers unfolded")
     args = parser.parse_args(argv)
-    if not (args.onnx or args.pt2):
-        parser.error("nothing to do: give --onnx and/or --pt2")
+    if not (args.release or args.onnx or args.pt2):
+        parser.error("nothing to do: give --release, --onnx and/or --pt2")
     if args.int8 and not args.onnx:
         parser.error("--int8 quantises the ONNX file: give --onnx too")
 
@@ -158,6 +160,10 @@ def main(argv=None):
     if not args.keep_batchnorm:
         net = fold_batchnorm(net)
     written = []
+    if args.release:
+        # What model/pretrained/ ships: loadable by load_model, predict.py and hubconf.py.
+        checkpoints.atomic_save(checkpoints.release_checkpoint(checkpoint), args.release)
+        written.append(Path(args.release))
     if args.onnx:
         written.append(export_onnx(net, args.onnx))
     if args.pt2:

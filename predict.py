@@ -2,7 +2,11 @@
 
 From the command line; each INPUT is an image file, a folder of images or an http(s) URL:
 
-    python predict.py model/mobilenetv2.pth cat.jpg photos/ https://example.com/dog.png --topk 3
+    python predict.py cat.jpg photos/ https://example.com/dog.png --topk 3
+    python predict.py samples/ --checkpoint model/my-run.pth
+
+Without --checkpoint it uses model/mobilenetv2.pth, what notebook 3 and train.py write, and
+until that exists the weights that ship with the project (model/pretrained/).
 
 From Python:
 
@@ -34,6 +38,9 @@ import images
 import runtime
 from images import ImageError
 from utils import normalize
+
+# What notebook 3 and train.py write by default.
+DEFAULT_CHECKPOINT = runtime.MODEL_DIR / "mobilenetv2.pth"
 
 
 def describe(source):
@@ -192,8 +199,12 @@ def plot_prediction(image, result):
 
 def predict_folder(net, folder, checkpoint, topk=3, batch_size=256, device=None):
     """predict() on every image file of a folder and its sub-folders (images.image_files: hidden
-    files left out), in sorted order; a list of entries."""
-    return predict(net, [str(p) for p in images.image_files(folder)], checkpoint, topk, batch_size, device)
+    files left out), in sorted order; a list of entries, whose "input" is the path inside ``folder``."""
+    files = images.image_files(folder)
+    results = predict(net, [str(p) for p in files], checkpoint, topk, batch_size, device)
+    for result, path in zip(results, files, strict=True):
+        result["input"] = path.relative_to(folder).as_posix()
+    return results
 
 
 def format_table(results):
@@ -212,14 +223,22 @@ def format_table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Classify images with a checkpoint written by utils.train().")
-    parser.add_argument("checkpoint", help="a .pth file written by train(), e.g. model/mobilenetv2.pth")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file, a folder of images or a URL")
+    parser.add_argument(
+        "--checkpoint",
+        help=f"a .pth file written by train() (default: {DEFAULT_CHECKPOINT}, or the shipped weights until it exists)",
+    )
     parser.add_argument("--topk", type=int, default=3, help="classes to show per image (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     args = parser.parse_args(argv)
 
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    if args.checkpoint is None and not DEFAULT_CHECKPOINT.exists():
+        path = checkpoints.PRETRAINED_WEIGHTS
+        print("No model/mobilenetv2.pth yet (notebook 3 or train.py trains it): using the shipped weights.",
+              file=sys.stderr)  # fmt: skip
     try:
-        net, checkpoint = checkpoints.load_model(args.checkpoint, device=args.device)
+        net, checkpoint = checkpoints.load_model(path, device=args.device)
     except (FileNotFoundError, checkpoints.CheckpointError) as error:
         sys.exit(f"error: {error}")
     sources = []

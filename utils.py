@@ -31,7 +31,13 @@ from torch.optim import lr_scheduler
 
 import checkpoints
 import runtime
-from checkpoints import CheckpointError, last_checkpoint_path, load_checkpoint, load_model  # noqa: F401 (notebooks)
+from checkpoints import (  # noqa: F401 (notebooks)
+    PRETRAINED_WEIGHTS,
+    CheckpointError,
+    last_checkpoint_path,
+    load_checkpoint,
+    load_model,
+)
 from images import decode_image, load_split, stratified_split  # noqa: F401 (the notebooks call them as utils.*)
 from runtime import DATA_DIR, LOG_DIR, MODEL_DIR, get_device, prepare_model, set_seed  # noqa: F401
 

@@ -8,6 +8,7 @@ test, and are removed afterwards, as is the folder's decoded cache in data/cache
 
 import functools
 import http.server
+import importlib.util
 import inspect
 import re
 import shutil
@@ -111,6 +112,30 @@ def test_notebook_uses_the_modules_instead_of_redefining_them(name):
         assert "import predict" in source
 
 
+def load_docs_build():
+    spec = importlib.util.spec_from_file_location("build", ROOT / "docs" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_executed_copy_in_docs_is_the_notebook_with_its_outputs(name):
+    build = load_docs_build()
+    path = build.DOCS / f"{name}.ipynb"
+    copy = nbformat.read(path, as_version=4)
+    # papermill adds a cell with the parameters of the run after the tagged one.
+    cells = [cell for cell in code_cells(copy) if "injected-parameters" not in cell.metadata.get("tags", [])]
+    assert [cell.source for cell in cells] == [cell.source for cell in code_cells(read(name))], (
+        f"docs/{name}.ipynb runs other code than notebooks/{name}.ipynb: make docs"
+    )
+    assert all(cell.execution_count for cell in cells), "a cell did not run"
+    assert not [o for cell in cells for o in cell.outputs if o.output_type == "error"]
+    text = path.read_text(encoding="utf-8")
+    assert len(text.encode()) < build.MAX_BYTES
+    assert not build.ABSOLUTE_PATH.findall(text)
+
+
 # ----------------------------------------------------------------------------------------
 # Running them
 
@@ -166,9 +191,14 @@ def executed(tmp_path_factory, image_server):
     results = {"run_name": run_name}
     try:
         results.update(run_all(out, parameters))
-        # The URL cell once more, with an address where nothing answers: it must print why.
+        # Notebook 5 once more, as a reader who trained nothing and has no network sees it: the
+        # shipped weights instead of model/<RUN_NAME>.pth, and an address where nothing answers.
         if isinstance(results.get("05_prediction"), tuple):
-            offline = {**parameters, "IMAGE_URL": f"http://127.0.0.1:{free_port()}/cat.jpg"}
+            offline = {
+                **parameters,
+                "RUN_NAME": f"{run_name}-untrained",
+                "IMAGE_URL": f"http://127.0.0.1:{free_port()}/cat.jpg",
+            }
             try:
                 execute("05_prediction", out / "05_prediction_offline.ipynb", offline)
                 results["offline"] = nbformat.read(out / "05_prediction_offline.ipynb", as_version=4)
@@ -234,6 +264,7 @@ def test_03_training_runs_and_saves(executed):
     text = outputs_text(ran(executed, "03_training"))
     run = executed["run_name"]
     assert "Epoch [  1/  1]" in text
+    assert f"best checkpoint: model/{executed['run_name']}.pth" in text  # relative to the project
     best = utils.MODEL_DIR / f"{run}.pth"
     assert best.is_file() and utils.last_checkpoint_path(best).is_file()
     net, checkpoint = utils.load_model(best, device="cpu")
@@ -278,6 +309,9 @@ def test_05_prediction_url_cell_fails_politely_offline(executed):
         pytest.fail(f"the prediction notebook stopped on an unreachable URL:\n{result}")
     text = outputs_text(result)
     assert "No prediction for the web picture" in text and "http://127.0.0.1:" in text
+    assert "yet (notebook 3 trains it): using the weights that ship with the project." in text
+    for sample in SAMPLES.iterdir():
+        assert re.search(rf"{sample.name} +{sample.stem} ", text), f"the shipped weights misread {sample.name}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -174,17 +174,19 @@ def test_predict_folder_and_command_line(trained, tmp_path, capsys):
     (folder / "zz_broken.jpg").write_bytes(b"")
     results = predict.predict_folder(net, folder, checkpoint, topk=2)
     expected = ("00.png", "01.png", "02.png", "more/03.PNG", "zz_broken.jpg")
-    assert [r["input"] for r in results] == [str(folder / n) for n in expected]
+    assert [r["input"] for r in results] == list(expected)
     assert "empty file" in results[4]["error"]
 
-    assert predict.main([str(path), str(folder), str(folder / "00.png"), "--topk", "2"]) == 1  # one broken file
+    assert (
+        predict.main([str(folder), str(folder / "00.png"), "--checkpoint", str(path), "--topk", "2"]) == 1
+    )  # one broken file
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["input", "top-1", "prob", "others"]
     assert len(lines) == 1 + 6
     assert lines[1].startswith(str(folder / "00.png")) and lines[1].split()[1] in checkpoint["classes"]
     assert "error:" in lines[5]
     with pytest.raises(SystemExit, match="No checkpoint file"):
-        predict.main([str(tmp_path / "nothing.pth"), str(folder)])
+        predict.main([str(folder), "--checkpoint", str(tmp_path / "nothing.pth")])
 
 
 # ----------------------------------------------------------------------------------------
