@@ -53,6 +53,30 @@ def as_a_terminal_shows_it(text):
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
+def tidy(nb):
+    """The executed notebook as a reader should see it: each run of writes to one stream in
+    one output, progress bars as a terminal shows them in the end, paths relative to the
+    project, and no run record (papermill's holds the paths of the machine that ran it)."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for output in cell.outputs:
+            last = outputs[-1] if outputs else None
+            if output.output_type == "stream" and last and last.output_type == "stream" and last.name == output.name:
+                last.text += output.text
+            else:
+                outputs.append(output)
+        for output in outputs:
+            if output.output_type == "stream":
+                output.text = as_a_terminal_shows_it(output.text).replace(f"{ROOT}/", "")
+        cell.outputs = outputs
+    return nb
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="cifar10", help="the data set the notebooks use (their DATA)")
@@ -77,17 +101,7 @@ def main(argv=None):
         start = time.perf_counter()
         papermill.execute_notebook(ROOT / "notebooks" / f"{name}.ipynb", out, parameters=values,
                                    cwd=ROOT / "notebooks", kernel_name="python3", progress_bar=False)  # fmt: skip
-        nb = nbformat.read(out, as_version=4)
-        for cell in nb.cells:
-            for output in cell.get("outputs", []):
-                if output.output_type == "stream":
-                    output.text = as_a_terminal_shows_it(output.text).replace(f"{ROOT}/", "")
-        # papermill's run record holds this machine's paths; the notebook needs none of it.
-        nb.metadata.pop("papermill", None)
-        for cell in nb.cells:
-            cell.metadata.pop("papermill", None)
-            cell.metadata.pop("execution", None)
-        nbformat.write(nb, out)
+        nbformat.write(tidy(nbformat.read(out, as_version=4)), out)
         text = out.read_text(encoding="utf-8")
         size = len(text.encode())
         print(f"{out.relative_to(ROOT)}: {time.perf_counter() - start:.0f} s, {size / 1e6:.2f} MB")

@@ -136,6 +136,23 @@ def test_executed_copy_in_docs_is_the_notebook_with_its_outputs(name):
     assert not build.ABSOLUTE_PATH.findall(text)
 
 
+def test_docs_build_shows_progress_bars_as_a_terminal_does():
+    build = load_docs_build()
+    stream = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("train()")
+    cell.outputs = [
+        stream("stream", name="stderr", text=t) for t in ("\rEpoch 1:   0%", "\rEpoch 1:  50%", "\rEpoch 1: 100%", "\n")
+    ]
+    cell.outputs.append(stream("stream", name="stdout", text=f"saved {ROOT}/model/run.pth\n"))
+    cell.metadata["papermill"] = {"duration": 1.0}
+    nb = build.tidy(nbformat.v4.new_notebook(cells=[cell], metadata={"papermill": {"input_path": str(ROOT)}}))
+    assert [(o.name, o.text) for o in nb.cells[0].outputs] == [
+        ("stderr", "Epoch 1: 100%\n"),
+        ("stdout", "saved model/run.pth\n"),
+    ]
+    assert "papermill" not in nb.metadata and "papermill" not in nb.cells[0].metadata
+
+
 # ----------------------------------------------------------------------------------------
 # Running them
 
