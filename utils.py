@@ -243,7 +243,7 @@ RECIPES = {
         "weight_decay": 5e-4,
         "decay_norm_and_bias": False,  # weight decay on BatchNorm and biases only hurts
         "label_smoothing": 0.1,
-        "schedule": "onecycle",  # linear warm-up, then cosine decay to ~0, stepped per batch
+        "schedule": "onecycle",  # warm-up, then decay to ~0, both along half cosines, stepped per batch
         "warmup": 0.15,  # fraction of the steps spent warming up
         "augment": True,  # random crop and flip
         "trivial_augment": False,  # TrivialAugment Wide on top
