@@ -157,13 +157,13 @@ def main(argv=None):
         net, checkpoint = checkpoints.load_model(args.checkpoint, device="cpu")
     except (FileNotFoundError, checkpoints.CheckpointError) as error:
         sys.exit(f"error: {error}")
-    if not args.keep_batchnorm:
-        net = fold_batchnorm(net)
     written = []
     if args.release:
         # What model/pretrained/ ships: loadable by load_model, predict.py and hubconf.py.
         checkpoints.atomic_save(checkpoints.release_checkpoint(checkpoint), args.release)
         written.append(Path(args.release))
+    if not args.keep_batchnorm:
+        net = fold_batchnorm(net)
     if args.onnx:
         written.append(export_onnx(net, args.onnx))
     if args.pt2:

@@ -226,7 +226,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file, a folder of images or a URL")
     parser.add_argument(
         "--checkpoint",
-        help=f"a .pth file written by train() (default: {DEFAULT_CHECKPOINT}, or the shipped weights until it exists)",
+        help="a .pth file written by train() (default: model/mobilenetv2.pth, or the shipped weights until it exists)",
     )
     parser.add_argument("--topk", type=int, default=3, help="classes to show per image (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")

@@ -121,3 +121,16 @@ def test_command_line_refuses_incomplete_requests(tmp_path):
     for args in ([], ["--int8", str(tmp_path / "net.int8")]):
         with pytest.raises(SystemExit):
             export.main([str(tmp_path / "net.pth"), *args])
+
+
+def test_release_is_the_weights_in_float16_with_their_metadata(tmp_path, synthetic):
+    mean, std, images = synthetic
+    net = random_network(small_input=True)
+    save_checkpoint(net, tmp_path / "net.pth", mean, std)
+    export.main([str(tmp_path / "net.pth"), "--release", str(tmp_path / "release.pth")])
+    assert not (tmp_path / "release.onnx").exists()  # nothing else asked for, nothing else written
+    release = utils.load_checkpoint(tmp_path / "release.pth")
+    assert {v.dtype for v in release["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert "optimizer" not in release and release["mean"] == mean and release["classes"][0] == "class_0"
+    loaded, _ = utils.load_model(tmp_path / "release.pth")
+    np.testing.assert_allclose(logits(loaded, images[:8]), logits(net, images[:8]), atol=0.05, rtol=0.01)
