@@ -36,7 +36,8 @@ ABSOLUTE_PATH = re.compile(r"(?:/home|/root|/tmp|/work|/Users|/var)/[^\s\"']*")
 
 
 def serve(folder):
-    """``folder`` over HTTP on a free local port, in a daemon thread; its address."""
+    """``folder`` over HTTP on a free local port, in a daemon thread: (its address, the server
+    to shut down)."""
 
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -44,7 +45,7 @@ def serve(folder):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 def as_a_terminal_shows_it(text):
@@ -88,7 +89,7 @@ def main(argv=None):
         sys.exit("model/mobilenetv2.pth exists, so notebooks 4 and 5 would use it instead of the shipped weights: "
                  "move it aside and build again.")  # fmt: skip
 
-    address = serve(ROOT / "samples")
+    address, _ = serve(ROOT / "samples")
     parameters = {
         "01_data": {"DATA": args.data},
         "02_network": {},

@@ -6,15 +6,12 @@ Checkpoints and logs go to model/<run>.pth and logs/<run>/ under a run name uniq
 test, and are removed afterwards, as is the folder's decoded cache in data/cache/.
 """
 
-import functools
-import http.server
 import importlib.util
 import inspect
 import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +27,10 @@ from images import image_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
+# docs/build.py, which makes the executed copies, is a script beside them, not a module.
+_spec = importlib.util.spec_from_file_location("build", ROOT / "docs" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 NOTEBOOKS = ["01_data", "02_network", "03_training", "04_testing", "05_prediction"]
 SAMPLES = ROOT / "samples"
 
@@ -113,9 +114,6 @@ def test_notebook_uses_the_modules_instead_of_redefining_them(name):
 
 
 def test_docs_build_shows_progress_bars_as_a_terminal_does():
-    spec = importlib.util.spec_from_file_location("build", ROOT / "docs" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
     stream = nbformat.v4.new_output
     cell = nbformat.v4.new_code_cell("train()")
     cell.outputs = [
@@ -144,15 +142,8 @@ def free_port():
 @pytest.fixture(scope="module")
 def image_server():
     """samples/ over HTTP on localhost, so that the URL cell has something to download."""
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(SAMPLES)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    address, server = build.serve(SAMPLES)
+    yield address
     server.shutdown()
     server.server_close()
 
