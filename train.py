@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--recipe", default="default", choices=sorted(utils.RECIPES))
     p.add_argument("--batch-size", type=int, help="global batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--schedule", choices=["onecycle", "linear", "plateau"], help="(default: the recipe's)")
+    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up (default: the recipe's)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop and flip")
@@ -122,6 +124,8 @@ def run(args, device, adapt_network, extra):
         args.recipe,
         batch_size=args.batch_size,
         lr=args.lr,
+        schedule=args.schedule,
+        warmup=args.warmup,
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         augment=args.augment,

@@ -540,6 +540,24 @@ def test_flip_translate_tta_averages_six_views():
         utils.evaluate(Counts(), [(images, torch.tensor([0, 0]))], tta="rotate")
 
 
+def test_linear_schedule_warms_up_and_decays_along_straight_lines():
+    recipe = utils.get_recipe("default", schedule="linear", warmup=0.25, lr=0.4)
+    scheduler = utils.make_scheduler(utils.make_optimizer(tiny_net(), recipe), recipe, 2, 10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    steps = torch.tensor(lrs).diff()
+    # 20 steps, 25 % warm-up: up from lr/10 to the peak at step 4, then down in equal steps.
+    assert lrs[0] == pytest.approx(0.04) and lrs[4] == pytest.approx(0.4)
+    assert torch.allclose(steps[:4], steps[0].expand(4)) and steps[0] > 0
+    assert torch.allclose(steps[4:], steps[4].expand(15)) and steps[4] < 0
+    assert lrs[-1] == pytest.approx(0.4 / 10_000, abs=1e-9)
+    with pytest.raises(ValueError, match="Unknown schedule 'step'"):
+        utils.make_scheduler(scheduler.optimizer, {**recipe, "schedule": "step"}, 2, 10)
+
+
 def test_every_recipe_builds():
     net = tiny_net()
     for name in utils.RECIPES:
