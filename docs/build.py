@@ -1,6 +1,7 @@
 """Executed copies of the five notebooks, to read with their outputs without running anything.
 
     make docs                               (python docs/build.py; DATA=... as for make run)
+    python docs/build.py 05_prediction      only the notebooks named (after editing one of them)
 
 Each notebook of notebooks/ runs once with papermill, in order, on the real data and on this
 machine, as a reader runs it: notebook 3 trains the default run (10 epochs) under the run name
@@ -30,6 +31,7 @@ import images  # noqa: E402
 from runtime import MODEL_DIR  # noqa: E402
 
 DOCS = ROOT / "docs"
+NOTEBOOKS = ["01_data", "02_network", "03_training", "04_testing", "05_prediction"]
 MAX_BYTES = 2_000_000
 TRAINING_RUN = "docs"
 ABSOLUTE_PATH = re.compile(r"(?:/home|/root|/tmp|/work|/Users|/var)/[^\s\"']*")
@@ -64,6 +66,7 @@ def tidy(nb):
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
             continue
+        cell.source = cell.source.rstrip()  # papermill's parameters cell ends in a blank line
         outputs = []
         for output in cell.outputs:
             last = outputs[-1] if outputs else None
@@ -81,7 +84,11 @@ def tidy(nb):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="cifar10", help="the data set the notebooks use (their DATA)")
+    parser.add_argument("names", nargs="*", help="the notebooks to run, e.g. 05_prediction (default: all five)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(NOTEBOOKS))
+    if unknown:
+        sys.exit(f"No notebook {unknown} in notebooks/; choose from {NOTEBOOKS}.")
     problem = images.data_source_problem(args.data)
     if problem:
         sys.exit(problem)
@@ -97,7 +104,8 @@ def main(argv=None):
         "04_testing": {"DATA": args.data},
         "05_prediction": {"IMAGE_URL": f"{address}/ship.png"},
     }
-    for name, values in parameters.items():
+    for name in args.names or NOTEBOOKS:
+        values = parameters[name]
         out = DOCS / f"{name}.ipynb"
         start = time.perf_counter()
         papermill.execute_notebook(ROOT / "notebooks" / f"{name}.ipynb", out, parameters=values,

@@ -31,7 +31,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 _spec = importlib.util.spec_from_file_location("build", ROOT / "docs" / "build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
-NOTEBOOKS = ["01_data", "02_network", "03_training", "04_testing", "05_prediction"]
+NOTEBOOKS = build.NOTEBOOKS
 SAMPLES = ROOT / "samples"
 
 # Shared by every notebook; papermill ignores (with a warning) the names a notebook lacks.
@@ -115,7 +115,7 @@ def test_notebook_uses_the_modules_instead_of_redefining_them(name):
 
 def test_docs_build_shows_progress_bars_as_a_terminal_does():
     stream = nbformat.v4.new_output
-    cell = nbformat.v4.new_code_cell("train()")
+    cell = nbformat.v4.new_code_cell("train()\n")  # as papermill leaves its parameters cell
     cell.outputs = [
         stream("stream", name="stderr", text=t) for t in ("\rEpoch 1:   0%", "\rEpoch 1:  50%", "\rEpoch 1: 100%", "\n")
     ]
@@ -127,6 +127,23 @@ def test_docs_build_shows_progress_bars_as_a_terminal_does():
         ("stdout", "saved model/run.pth\n"),
     ]
     assert "papermill" not in nb.metadata and "papermill" not in nb.cells[0].metadata
+    assert nb.cells[0].source == "train()"  # as ruff format wants it
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_executed_copy_in_docs_is_the_notebook_with_its_outputs(name):
+    path = build.DOCS / f"{name}.ipynb"
+    copy = nbformat.read(path, as_version=4)
+    # papermill adds a cell with the parameters of the run after the tagged one.
+    cells = [cell for cell in code_cells(copy) if "injected-parameters" not in cell.metadata.get("tags", [])]
+    assert [cell.source for cell in cells] == [cell.source for cell in code_cells(read(name))], (
+        f"docs/{name}.ipynb runs other code than notebooks/{name}.ipynb: make docs"
+    )
+    assert all(cell.execution_count for cell in cells), f"docs/{name}.ipynb: a cell did not run"
+    assert not [o for cell in cells for o in cell.outputs if o.output_type == "error"]
+    text = path.read_text(encoding="utf-8")
+    assert len(text.encode()) < build.MAX_BYTES
+    assert not build.ABSOLUTE_PATH.findall(text)
 
 
 # ----------------------------------------------------------------------------------------
