@@ -41,6 +41,7 @@ from utils import normalize
 
 # What notebook 3 and train.py write by default.
 DEFAULT_CHECKPOINT = runtime.MODEL_DIR / "mobilenetv2.pth"
+DEFAULT_NAME = DEFAULT_CHECKPOINT.relative_to(runtime.ROOT).as_posix()  # as messages show it
 
 
 def describe(source):
@@ -226,7 +227,7 @@ def main(argv=None):
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="an image file, a folder of images or a URL")
     parser.add_argument(
         "--checkpoint",
-        help="a .pth file written by train() (default: model/mobilenetv2.pth, or the shipped weights until it exists)",
+        help=f"a .pth file written by train() (default: {DEFAULT_NAME}, or the shipped weights until it exists)",
     )
     parser.add_argument("--topk", type=int, default=3, help="classes to show per image (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
@@ -235,7 +236,7 @@ def main(argv=None):
     path = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not DEFAULT_CHECKPOINT.exists():
         path = checkpoints.PRETRAINED_WEIGHTS
-        print("No model/mobilenetv2.pth yet (notebook 3 or train.py trains it): using the shipped weights.",
+        print(f"No {DEFAULT_NAME} yet (notebook 3 or train.py trains it): using the shipped weights.",
               file=sys.stderr)  # fmt: skip
     try:
         net, checkpoint = checkpoints.load_model(path, device=args.device)
