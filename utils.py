@@ -367,7 +367,6 @@ def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=N
                 train_loader.set_epoch(epoch)
             train_metrics = train_one_epoch(net, train_loader, optimizer, criterion, scheduler if per_batch else None,
                                             scaler, amp_dtype, ema, desc=f"Train {title}", progress=show)  # fmt: skip
-            lr = optimizer.param_groups[0]["lr"]
             # Without validation data the training metrics stand in.
             val_metrics = train_metrics if val_loader is None else evaluate(
                 net, val_loader, criterion, amp=amp, desc=f"Val {title}", progress=show)  # fmt: skip
@@ -379,7 +378,7 @@ def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=N
                 scheduler.step(val_metrics["loss"])
             elif scheduler is not None and not per_batch:
                 scheduler.step()
-            _record_epoch(history, train_metrics, val_metrics, ema_metrics, lr, time.perf_counter() - began)
+            _record_epoch(history, train_metrics, val_metrics, ema_metrics, time.perf_counter() - began)
             if show:
                 print(_epoch_line(history, epochs))
             if main and tbwriter is not None:
@@ -401,7 +400,7 @@ def train_one_epoch(model, loader, optimizer, criterion, scheduler=None, scaler=
                     desc="Train", progress=True):  # fmt: skip
     """One pass over ``loader``: forward, loss, backward, step for each batch. ``scheduler``
     steps after every batch; ``ema`` is updated every EMA_EVERY batches. Returns {"loss",
-    "acc", "count"}, per sample (acc in %). The running sums stay on the device and are read
+    "acc", "count"}, per sample (acc in %), and "lr", the learning rate of the last batch. The running sums stay on the device and are read
     (a GPU sync) only every REFRESH_EVERY batches, for the bar and to stop on a non-finite loss.
     """
     model.train()
@@ -419,6 +418,7 @@ def train_one_epoch(model, loader, optimizer, criterion, scheduler=None, scaler=
             outputs = model(images)
             loss = criterion(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # before the scheduler moves it on
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -449,7 +449,8 @@ def train_one_epoch(model, loader, optimizer, criterion, scheduler=None, scaler=
         torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
     )
     loss_total, correct_total, count_total = totals.tolist()
-    return {"loss": loss_total / count_total, "acc": 100 * correct_total / count_total, "count": int(count_total)}
+    return {"loss": loss_total / count_total, "acc": 100 * correct_total / count_total, "count": int(count_total),
+            "lr": lr}  # fmt: skip
 
 
 @torch.no_grad()
@@ -535,8 +536,9 @@ def refresh_batchnorm(net, loader, batches=BATCHNORM_BATCHES):
         loader.epoch = epoch
 
 
-def _record_epoch(history, train_metrics, val_metrics, ema_metrics, lr, seconds):
-    values = (train_metrics["loss"], train_metrics["acc"], val_metrics["loss"], val_metrics["acc"], lr, seconds)
+def _record_epoch(history, train_metrics, val_metrics, ema_metrics, seconds):
+    values = (train_metrics["loss"], train_metrics["acc"], val_metrics["loss"], val_metrics["acc"], train_metrics["lr"],
+              seconds)  # fmt: skip
     for key, value in zip(HISTORY, values, strict=True):
         history[key].append(value)
     if ema_metrics is not None:

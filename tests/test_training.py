@@ -116,12 +116,16 @@ def test_epoch_schedulers_step_once_per_epoch(loaders):
     assert lr == pytest.approx([0.02, 0.01, 0.005])
 
 
-def test_one_cycle_steps_after_every_batch(loaders):
+def test_one_cycle_steps_after_every_batch_and_records_the_last_batchs_lr(loaders):
     def one_cycle(optimizer):
-        return lr_scheduler.OneCycleLR(optimizer, 0.05, epochs=2, steps_per_epoch=len(loaders[0]))
+        return lr_scheduler.OneCycleLR(optimizer, 0.05, epochs=2, steps_per_epoch=len(loaders[0]),
+                                       anneal_strategy="linear")  # fmt: skip
 
-    _, _, scheduler, _ = run(loaders, epochs=2, scheduler=one_cycle)
+    _, _, scheduler, (_, _, lr) = run(loaders, epochs=2, scheduler=one_cycle)
     assert scheduler.last_epoch == 2 * len(loaders[0])
+    # One step past its end the schedule would extrapolate below zero; the history keeps the
+    # rate the last batch trained with: the schedule's floor, lr / 25 / 10,000.
+    assert lr[-1] == pytest.approx(0.05 / 25 / 10_000)
 
 
 def test_reduce_on_plateau_steps_on_the_validation_loss(loaders):
