@@ -338,7 +338,8 @@ def train(net, trainloader, testloader, epoch, optimizer, criterion, scheduler=N
 def fit(net, train_loader, val_loader, epochs, optimizer, criterion, scheduler=None, *, save_path=None,
         tbwriter=None, verbose=True, resume=False, amp=None, ema=None, data=None, hparams=None):  # fmt: skip
     """Train ``net`` (made ready by prepare_model) for ``epochs`` in all; return the history:
-    per-epoch lists train_loss, train_acc, val_loss, val_acc (%), lr, seconds (ema_val_* too).
+    per-epoch lists train_loss, train_acc, val_loss, val_acc (%), lr (the last batch's), seconds
+    (ema_val_* too).
 
     val_loader picks the best checkpoint, save_path; the resumable <stem>_last.pth goes beside
     it, and resume=True continues from it. amp: autocast_dtype's. ema: a weight_average to
